@@ -1,0 +1,35 @@
+# Every target creates .venv when it is missing (a fresh machine needs only Python 3.11).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-core
+WORKDIR ?= runs/demo
+
+.PHONY: venv demo test bench fmt clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Train on the embedded digits dataset, evaluate the best checkpoint, run a
+# linear probe on its features and print the results table.
+demo: venv
+	$(PY) scripts/demo.py --workdir $(WORKDIR)
+
+# pytest exits 5 when it collected no tests: that must fail, not pass.
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+bench: venv
+	$(PY) scripts/benchmark.py --what train --model resnetv2_50 --batch_size 32 --steps 5 --warmup 2
+
+fmt: venv
+	$(PY) -m ruff format jaxres scripts tests configs
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,66 @@
+"""Shared pieces of the absl entry points in scripts/: distributed flags, user errors."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from typing import Iterator
+
+from absl import flags
+
+from jaxres.errors import JaxresError
+
+
+def define_distributed_flags() -> None:
+    """--multihost, or --coordinator_address / --num_processes / --process_id."""
+    flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() and let JAX detect the cluster (SLURM, MPI).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (generic multi-process launch).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def initialize_distributed_from_flags() -> None:
+    from jaxres import parallel
+
+    f = flags.FLAGS
+    with user_errors():
+        parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id, auto=f.multihost)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A user error ends the program with its one-line message, not a traceback."""
+    try:
+        yield
+    except JaxresError as e:
+        print(f"jaxres error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that turns a bad `--config.key=value` into one clear line.
+
+    Pass as `app.run(main, flags_parser=cli.parse_flags)`.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"jaxres error: {_flag_error_message(argv, e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _flag_error_message(argv: list[str], error: Exception) -> str:
+    text = str(error).replace("\\'", "'").replace("\\n", " ").strip("\"'")
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config.") :].split("=", 1)[0]
+        if isinstance(error, (AttributeError, KeyError)) and any(
+            re.search(rf"\b{re.escape(p)}\b", text) for p in key.split(".")
+        ):
+            hint = " " + text[text.index("Did you mean") :] if "Did you mean" in text else ""
+            return f"{arg}: config has no key {key!r}.{hint} Every key is listed in jaxres/config_base.py."
+        if f"--config.{key}=" in text or f"--config.{key} " in text:
+            return f"{arg}: bad value for config.{key} ({text.split(': ', 1)[-1]})."
+    return text

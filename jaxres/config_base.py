@@ -1,0 +1,68 @@
+"""Every config key with its default; `configs/*.py` start here and override.
+
+Code reads `config.key`, never `config.get(key, default)`: a key missing here
+is a bug, and an unknown `--config.key=value` on the command line is refused.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# ImageNet channel statistics in uint8 units (applied on the device).
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The full set of training keys, with ImageNet ResNet-50 defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 1024  # Global, over all devices and processes.
+    c.eval_batch_size = 1024
+    c.grad_accum_steps = 1  # Each step sums gradients of this many micro-batches.
+    c.num_epochs = 90
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnetv2_50"
+    c.model.dtype = "bfloat16"  # Compute dtype; params are always float32.
+    # Fields of jaxres.models.ResNet that differ from the registered model (e.g. stem_type).
+    c.model.overrides = ml_collections.ConfigDict()
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "imagenet2012"  # tfds name, "imagefolder" or "digits" (embedded).
+    c.dataset.data_dir = ""  # tfds data_dir, or the image folder root.
+    c.dataset.train_split = "train"
+    c.dataset.val_split = "validation"
+    c.dataset.num_classes = 1000
+    c.dataset.image_size = 224
+    c.dataset.crop_min_area = 0.08  # Inception random-resized-crop area range [min, 1].
+    c.dataset.flip = True
+    c.dataset.eval_crop_ratio = 0.875  # Resize to size / ratio, then centre-crop.
+    c.dataset.mean = IMAGENET_MEAN
+    c.dataset.std = IMAGENET_STD
+    c.dataset.num_workers = 8  # grain worker processes per host (0 = in-process).
+    c.dataset.train_limit = 0  # Use only the first N train / val examples (0 = all): smoke runs.
+    c.dataset.val_limit = 0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"  # sgd (Nesterov) | lars | adamw
+    c.optimizer.base_lr = 0.1  # Per 256 images; scaled by batch_size / 256.
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = True
+    c.optimizer.weight_decay = 5e-5  # On kernels only, not on norms or biases.
+    c.optimizer.label_smoothing = 0.1
+    c.optimizer.schedule = "cosine"  # cosine | step | constant, after linear warmup.
+    c.optimizer.warmup_epochs = 5.0
+    c.optimizer.decay_epochs = (30, 60, 80)  # For schedule="step".
+    c.optimizer.decay_factor = 0.1
+    c.optimizer.grad_clip_norm = 0.0  # 0 = off.
+
+    c.ema_decay = 0.0  # EMA of params (0 = off); when on, evaluation uses the EMA.
+
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 1000
+    c.eval_every_epochs = 1
+    c.keep_latest = 2
+    c.keep_best = 1
+    c.init_from = ""  # Another run's workdir: start from its params (fine-tuning).
+    return c

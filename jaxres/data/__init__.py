@@ -1,0 +1,1 @@
+"""Datasets: sources (random access), transforms (decode + augment) and grain pipelines."""

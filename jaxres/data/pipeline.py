@@ -1,0 +1,122 @@
+"""grain input pipelines: deterministic, resumable, sharded per process.
+
+Training reads one endless stream of examples: the source shuffled with a new
+seed every epoch (`MapDataset.shuffle` reseeds per pass over the data), each
+example augmented with an RNG derived from its stream index. Batch `b` of the
+global stream holds examples `[b * B, (b + 1) * B)`; process `p` of `P` loads
+rows `[p * B/P, (p + 1) * B/P)` of it. So:
+
+* a batch is a pure function of (seed, batch index): the same whatever the
+  number of worker processes, and the same global batch whatever the number
+  of hosts;
+* the iterator position is one integer, the next batch index, stored in the
+  checkpoint; resuming starts the stream there (`dataset[position:]`).
+
+Evaluation pads the split to a whole number of global batches with masked
+examples, so every example is counted exactly once on any number of hosts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+import grain
+import numpy as np
+
+
+def _process_rows(ds: grain.MapDataset, global_batch_size: int, process_index: int, process_count: int) -> grain.MapDataset:
+    """Batches of this process's rows of each global batch."""
+    local = global_batch_size // process_count
+    return ds.batch(local, drop_remainder=True)[process_index::process_count]
+
+
+def _iterate(ds: grain.MapDataset, num_workers: int) -> Iterator[Any]:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it)
+
+
+def train_dataset(
+    source: Any,
+    transform: Callable[[dict, np.random.Generator], dict],
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """An endless, random-access dataset of this process's training batches."""
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(transform, seed=seed + 1)
+    return _process_rows(ds, global_batch_size, process_index, process_count)
+
+
+def train_batches(
+    source: Any,
+    transform: Callable[[dict, np.random.Generator], dict],
+    *,
+    global_batch_size: int,
+    seed: int,
+    start: int = 0,
+    num_workers: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's training batches from batch index `start` on (endless)."""
+    ds = train_dataset(
+        source,
+        transform,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return _iterate(ds[start:], num_workers)
+
+
+class _Padded:
+    """The split followed by masked copies of its first example, up to `length`."""
+
+    def __init__(self, source: Any, length: int):
+        self._source, self._length = source, length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> tuple[dict[str, Any], bool]:
+        real = index < len(self._source)
+        return self._source[index if real else 0], real
+
+
+class _MaskPadding:
+    def __init__(self, transform: Callable[[dict], dict]):
+        self.transform = transform
+
+    def __call__(self, item: tuple[dict[str, Any], bool]) -> dict[str, Any]:
+        record, real = item
+        example = self.transform(record)
+        if not real:
+            example["mask"] = np.float32(0)
+        return example
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+    """Global batches needed to cover every example once."""
+    return max(1, math.ceil(num_examples / global_batch_size))
+
+
+def eval_batches(
+    source: Any,
+    transform: Callable[[dict], dict],
+    *,
+    global_batch_size: int,
+    num_workers: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's evaluation batches, padded and masked: every example counts once."""
+    padded_len = num_eval_batches(len(source), global_batch_size) * global_batch_size
+    ds = grain.MapDataset.source(_Padded(source, padded_len)).map(_MaskPadding(transform))
+    return _iterate(_process_rows(ds, global_batch_size, process_index, process_count), num_workers)

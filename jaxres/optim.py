@@ -1,0 +1,77 @@
+"""Optimizers and learning-rate schedules from `config.optimizer`.
+
+SGD with Nesterov momentum (Goyal et al. 2017 recipe): base LR per 256 images
+scaled linearly with the global batch, linear warmup, then cosine or step
+decay; L2 weight decay on conv / dense kernels only (not on norms or biases),
+added to the gradient before momentum as torch's SGD does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from jaxres.errors import ConfigError, unknown_name
+
+
+def learning_rate(opt: ml_collections.ConfigDict, global_batch_size: int) -> float:
+    """Peak learning rate: `base_lr * global_batch_size / 256`."""
+    return opt.base_lr * global_batch_size / 256
+
+
+def make_schedule(
+    opt: ml_collections.ConfigDict, global_batch_size: int, steps_per_epoch: int, total_steps: int
+) -> optax.Schedule:
+    """Warmup then `cosine` | `step` | `constant`, in optimizer steps."""
+    peak = learning_rate(opt, global_batch_size)
+    warmup_steps = int(round(opt.warmup_epochs * steps_per_epoch))
+    if opt.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, max(1, total_steps - warmup_steps))
+    elif opt.schedule == "step":
+        boundaries = {
+            int(round(epoch * steps_per_epoch)) - warmup_steps: opt.decay_factor
+            for epoch in opt.decay_epochs
+        }
+        decay = optax.piecewise_constant_schedule(peak, boundaries)
+    elif opt.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    else:
+        raise ConfigError(
+            unknown_name("config.optimizer.schedule", opt.schedule, ["cosine", "step", "constant"])
+        )
+    if warmup_steps <= 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for kernels (ndim > 1), False for norm scales/shifts and biases."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optax chain for `config.optimizer`."""
+    if opt.name == "sgd":
+        base = optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.nesterov)
+    elif opt.name == "lars":
+        # Large-batch training (You et al. 2017); LARS applies its own decay.
+        return optax.lars(
+            schedule,
+            weight_decay=opt.weight_decay,
+            weight_decay_mask=decay_mask,
+            trust_ratio_mask=decay_mask,
+            momentum=opt.momentum,
+            nesterov=opt.nesterov,
+        )
+    elif opt.name == "adamw":
+        return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
+    else:
+        raise ConfigError(unknown_name("config.optimizer.name", opt.name, ["sgd", "lars", "adamw"]))
+    chain = [optax.add_decayed_weights(opt.weight_decay, mask=decay_mask), base]
+    if opt.grad_clip_norm:
+        chain.insert(0, optax.clip_by_global_norm(opt.grad_clip_norm))
+    return optax.chain(*chain)

@@ -1,0 +1,123 @@
+"""The device mesh, shardings, multi-process start-up and host -> global arrays.
+
+One mesh axis, `data`: parameters are replicated, batches are sharded on their
+batch axis. `jax.jit` with these shardings makes BatchNorm statistics global
+(XLA inserts the all-reduce), with no `pmap`, `axis_name` or `pmean`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxres.errors import ConfigError
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
+) -> None:
+    """Starts multi-process JAX when asked to; a no-op for a single process.
+
+    Args:
+      coordinator_address: "host:port" of process 0 (generic schedulers).
+      num_processes: total number of processes.
+      process_id: this process's index.
+      auto: call `jax.distributed.initialize()` with no arguments, so that JAX
+        detects the cluster itself (SLURM, Open MPI, Cloud TPU, ...).
+    """
+    explicit = coordinator_address is not None
+    if not (explicit or auto):
+        return
+    if explicit and (num_processes is None or process_id is None):
+        raise ConfigError(
+            "--coordinator_address needs --num_processes and --process_id too "
+            "(or use --multihost to let JAX detect a SLURM/MPI cluster)."
+        )
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU devices of different processes talk through gloo; the default
+        # ("none") refuses cross-process collectives.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    else:
+        jax.distributed.initialize()
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D `data` mesh over `devices` (default: every device of every process)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of parameters and optimizer state: a full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+    """Sharding of a batch along `batch_axis` over the `data` mesh axis."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size") -> int:
+    """Returns the per-process batch size after checking that everything divides.
+
+    Raises:
+      ConfigError: quoting the batch size, device count and process count.
+    """
+    num_devices = mesh.devices.size
+    num_processes = jax.process_count()
+    if global_batch_size <= 0 or global_batch_size % num_devices:
+        raise ConfigError(
+            f"config.{name}={global_batch_size} is not divisible by the {num_devices} devices "
+            f"({num_processes} process(es)); use a multiple of {num_devices}, "
+            f"e.g. --config.{name}={max(1, round(global_batch_size / num_devices)) * num_devices}."
+        )
+    return global_batch_size // num_processes
+
+
+def to_global(batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
+    """Assembles each process's slice of a batch (numpy) into global `jax.Array`s.
+
+    Every process passes the rows it loaded; process p's rows become rows
+    [p * n, (p + 1) * n) of the global batch, sharded over the `data` axis.
+    """
+    sharding = batch_sharding(mesh, batch_axis)
+    num_processes = jax.process_count()
+
+    def _one(x: np.ndarray) -> jax.Array:
+        global_shape = list(x.shape)
+        global_shape[batch_axis] *= num_processes
+        return jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
+
+    return jax.tree.map(_one, batch)
+
+
+def prefetch_to_device(
+    batches: Iterable[Any], mesh: Mesh, size: int = 2, batch_axis: int = 0
+) -> Iterator[Any]:
+    """Keeps `size` batches in flight to the devices (transfers are asynchronous)."""
+    queue = collections.deque()
+    iterator = iter(batches)
+    for batch in itertools.islice(iterator, size):
+        queue.append(to_global(batch, mesh, batch_axis))
+    while queue:
+        yield queue.popleft()
+        for batch in itertools.islice(iterator, 1):
+            queue.append(to_global(batch, mesh, batch_axis))
+
+
+def fetch(tree: Any) -> Any:
+    """Brings (replicated or fully addressable) arrays to host numpy."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

@@ -1,0 +1,461 @@
+"""Training: `TrainState`, the pure `train_step` / `eval_step`, and one readable loop.
+
+    state = jit(init, out_shardings=replicated)(rng)
+    loop:  batch = to_global(next(data))          # sharded on the `data` axis
+           state, metrics = jit(train_step, donate state)(state, batch)
+           every log step: metrics -> writers    every epoch: eval, checkpoint
+
+Params are replicated and batches sharded over one `data` mesh axis, so
+BatchNorm statistics are over the global batch. Everything a step needs comes
+in as arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from jaxres import checkpoint as ckpt_lib
+from jaxres import metrics as metrics_lib
+from jaxres import models, optim, parallel
+from jaxres.data import pipeline, sources, transforms
+from jaxres.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; saved whole in checkpoints."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any  # {} when EMA is off.
+    rng: jax.Array  # Raw uint32 key data, so that orbax can save it.
+
+
+def normalize(images: jax.Array, mean: tuple, std: tuple) -> jax.Array:
+    """uint8 NHWC -> float32, per channel (x - mean) / std (on device)."""
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return (images.astype(jnp.float32) - mean) / std
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """Per-example softmax cross-entropy with label smoothing."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else jax.nn.one_hot(labels, num_classes)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    config: ml_collections.FrozenConfigDict,
+) -> tuple[TrainState, metrics_lib.TrainMetrics]:
+    """One optimizer step over `grad_accum_steps` micro-batches (`batch` is [A, B, ...]).
+
+    The loss is the mask-weighted mean over all A * B examples; gradients of
+    the micro-batches are summed, so A micro-batches of B equal one batch of
+    A * B (BatchNorm statistics aside, which are per micro-batch).
+    """
+    total_weight = jnp.maximum(batch["mask"].sum(), 1.0)
+    num_classes, smoothing = config.dataset.num_classes, config.optimizer.label_smoothing
+
+    def loss_fn(params, batch_stats, micro):
+        images = normalize(micro["image"], config.dataset.mean, config.dataset.std)
+        (logits, _), new_vars = model.apply(
+            {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+        )
+        per_example = cross_entropy(logits, micro["label"], num_classes, smoothing)
+        loss = (per_example * micro["mask"]).sum() / total_weight
+        correct = ((logits.argmax(-1) == micro["label"]) * micro["mask"]).sum()
+        return loss, (new_vars.get("batch_stats", {}), correct)
+
+    def micro_step(carry, micro):
+        grads, batch_stats, loss, correct = carry
+        (m_loss, (batch_stats, m_correct)), m_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch_stats, micro
+        )
+        grads = jax.tree.map(jnp.add, grads, m_grads)
+        return (grads, batch_stats, loss + m_loss, correct + m_correct), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, state.batch_stats, jnp.float32(0), jnp.float32(0))
+    if config.grad_accum_steps == 1:  # XLA:CPU runs convolutions in a loop body far slower.
+        (grads, batch_stats, loss, correct), _ = micro_step(init, jax.tree.map(lambda x: x[0], batch))
+    else:
+        (grads, batch_stats, loss, correct), _ = jax.lax.scan(micro_step, init, batch)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if config.ema_decay:
+        decay = config.ema_decay
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params
+    )
+    metrics = metrics_lib.TrainMetrics.single_from_model_output(
+        loss=loss, top1=correct / total_weight, grad_norm=optax.global_norm(grads)
+    )
+    return new_state, metrics
+
+
+def eval_step(
+    variables: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.Module, config: ml_collections.FrozenConfigDict
+) -> dict[str, jax.Array]:
+    """Masked sums over one batch: count, correct top-1 / top-5, loss."""
+    images = normalize(batch["image"], config.dataset.mean, config.dataset.std)
+    logits, _ = model.apply(variables, images, train=False)
+    logits = logits.astype(jnp.float32)
+    mask = batch["mask"]
+    loss = cross_entropy(logits, batch["label"], config.dataset.num_classes, 0.0)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {
+        "count": mask.sum(),
+        "correct1": ((top5[:, 0] == batch["label"]) * mask).sum(),
+        "correct5": ((top5 == batch["label"][:, None]).any(-1) * mask).sum(),
+        "loss_sum": (loss * mask).sum(),
+    }
+
+
+def eval_variables(state: TrainState, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The weights evaluation uses: the EMA when enabled."""
+    params = state.ema_params if config.ema_decay else state.params
+    return {"params": params, "batch_stats": state.batch_stats}
+
+
+def evaluate(
+    variables: dict[str, Any],
+    eval_fn: Callable,
+    source: Any,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
+    """top-1 / top-5 / loss over the whole split (padded + masked: every example counts)."""
+    batches = pipeline.eval_batches(
+        source,
+        transforms.EvalTransform(config.dataset.image_size, config.dataset.eval_crop_ratio),
+        global_batch_size=config.eval_batch_size,
+        num_workers=config.dataset.num_workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    total = None
+    num_batches = pipeline.num_eval_batches(len(source), config.eval_batch_size)
+    for _, batch in zip(range(num_batches), parallel.prefetch_to_device(batches, mesh)):
+        sums = eval_fn(variables, batch)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    total = parallel.fetch(total)
+    count = float(total["count"])
+    return {
+        "val_top1": float(total["correct1"]) / count,
+        "val_top5": float(total["correct5"]) / count,
+        "val_loss": float(total["loss_sum"]) / count,
+        "val_count": int(count),
+    }
+
+
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The model of `config.model`, with the dataset's class count."""
+    return models.create_model(
+        config.model.name,
+        num_classes=config.dataset.num_classes,
+        dtype=config.model.dtype,
+        **config.model.overrides.to_dict(),
+    )
+
+
+def init_state(
+    model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, rng: jax.Array
+) -> TrainState:
+    """A fresh TrainState (jitted with replicated out_shardings by the caller)."""
+    init_rng, state_rng = jax.random.split(rng)
+    size = config.dataset.image_size
+    variables = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        ema_params=params if config.ema_decay else {},
+        rng=jax.random.key_data(state_rng),
+    )
+
+
+def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """Train and validation sources, checked against `dataset.num_classes`."""
+    train_source = sources.open_source(config.dataset, config.dataset.train_split)
+    val_source = sources.open_source(config.dataset, config.dataset.val_split)
+    found = len(train_source.class_names)
+    if found != config.dataset.num_classes:
+        raise ConfigError(
+            f"Dataset {config.dataset.name!r} has {found} classes but config.dataset.num_classes="
+            f"{config.dataset.num_classes}; set --config.dataset.num_classes={found}."
+        )
+    if config.dataset.train_limit:
+        train_source = _Limited(train_source, config.dataset.train_limit)
+    if config.dataset.val_limit:
+        val_source = _Limited(val_source, config.dataset.val_limit)
+    return train_source, val_source
+
+
+class _Limited:
+    """A fixed random subset of `limit` records (smoke runs); sources are often sorted by class."""
+
+    def __init__(self, source: Any, limit: int):
+        self._source = source
+        self._indices = np.sort(np.random.default_rng(0).permutation(len(source))[:limit])
+        self.class_names = source.class_names
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._source[int(self._indices[index])]
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop reads at step boundaries."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        """Agreed by all processes, so that every one saves at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(scalars: dict[str, float], first_step: int, last_step: int) -> None:
+    if not math.isfinite(scalars["loss"]):
+        raise NonFiniteLossError(
+            f"The loss became {scalars['loss']} between steps {first_step} and {last_step}; stopped "
+            "without saving, so the last checkpoint is the last good state. Lower "
+            "--config.optimizer.base_lr, add warmup or --config.optimizer.grad_clip_norm=1."
+        )
+
+
+def _meta(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> dict[str, Any]:
+    return {
+        "step": step,
+        "epoch": step / steps_per_epoch,
+        "data_position": step * config.grad_accum_steps,  # Next micro-batch index.
+        "model": config.model.name,
+        "num_classes": config.dataset.num_classes,
+        "image_size": config.dataset.image_size,
+        "dataset": config.dataset.name,
+        "config_json": config.to_json_best_effort(sort_keys=True),
+    }
+
+
+def restore_or_init(
+    config: ml_collections.ConfigDict,
+    checkpointer: ckpt_lib.Checkpointer,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+) -> TrainState:
+    """Resume from the workdir, else start from `init_from`, else from scratch."""
+    rng = jax.random.key(config.seed)
+    init_fn = functools.partial(init_state, model, tx, config)
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        meta = checkpointer.restore_meta(latest)
+        if (meta["model"], meta["num_classes"]) != (config.model.name, config.dataset.num_classes):
+            raise CheckpointError(
+                f"The workdir holds a checkpoint of model {meta['model']!r} with {meta['num_classes']} "
+                f"classes, not {config.model.name!r} with {config.dataset.num_classes}; use another "
+                "--workdir (or --config.init_from=THAT_RUN to fine-tune from it)."
+            )
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        metrics_lib.log_line(f"Resuming from {checkpointer.directory} step {latest}.")
+        return checkpointer.restore(latest, abstract)
+    state = jax.jit(init_fn, out_shardings=shardings)(rng)
+    if config.init_from:
+        state = _load_init_from(config.init_from, state, shardings)
+    return state
+
+
+def _load_init_from(run: str, state: TrainState, shardings: Any) -> TrainState:
+    """Copies another run's params / batch stats in; a head of another shape stays fresh."""
+    source = ckpt_lib.Checkpointer(ckpt_lib.run_checkpoint_dir(run), read_only=True)
+    step = ckpt_lib.resolve_step(source, "latest")
+    loaded = source.restore_params(step)
+    fresh = []
+
+    def merge(path, new, old_tree):
+        key = jax.tree_util.keystr(path)
+        old = _lookup(old_tree, path)
+        if old is not None and old.shape == new.shape:
+            return jnp.asarray(old, new.dtype)
+        if old is not None and "head" not in key:
+            raise CheckpointError(
+                f"init_from={run!r}: {key} has shape {old.shape} there but {new.shape} here; "
+                "only the classifier head may differ. Is it the same model?"
+            )
+        fresh.append(key)
+        return new
+
+    params = jax.tree_util.tree_map_with_path(lambda p, x: merge(p, x, loaded["params"]), state.params)
+    stats = jax.tree_util.tree_map_with_path(lambda p, x: merge(p, x, loaded.get("batch_stats", {})), state.batch_stats)
+    if len(fresh) == len(jax.tree.leaves(state.params)) + len(jax.tree.leaves(state.batch_stats)):
+        raise CheckpointError(f"init_from={run!r} shares no parameter with model; is it the same architecture?")
+    metrics_lib.log_line(f"Initialised from {run} step {step}; fresh: {', '.join(fresh) or 'none'}.")
+    placed = jax.device_put((params, stats), (shardings.params, shardings.batch_stats))
+    return state.replace(params=placed[0], batch_stats=placed[1])
+
+
+def _lookup(tree: Any, path: tuple) -> Any:
+    for entry in path:
+        key = getattr(entry, "key", None)
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _micro_batches(config: ml_collections.ConfigDict, source: Any, start: int) -> Any:
+    """This process's training micro-batches, grouped [A, B_local, ...] per step."""
+    micro_global = config.batch_size // config.grad_accum_steps
+    batches = pipeline.train_batches(
+        source,
+        transforms.TrainTransform(config.dataset.image_size, config.dataset.crop_min_area, config.dataset.flip),
+        global_batch_size=micro_global,
+        seed=config.seed,
+        start=start,
+        num_workers=config.dataset.num_workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    while True:
+        group = [next(batches) for _ in range(config.grad_accum_steps)]
+        yield jax.tree.map(lambda *x: np.stack(x), *group)
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Fails early, quoting the numbers, on settings that cannot work."""
+    if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is not divisible by config.grad_accum_steps="
+            f"{config.grad_accum_steps}."
+        )
+    parallel.check_batch_size(config.batch_size // config.grad_accum_steps, mesh)
+    parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    create_model(config)  # Unknown model names / fields fail here, before data loading.
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> TrainState:
+    """Trains (or resumes) the run in `workdir`; returns the final state.
+
+    Args:
+      config: a config from `configs/` (see `jaxres.config_base` for the keys).
+      workdir: where config.json, metrics.jsonl, tb/ and checkpoints/ go.
+      devices: the devices to use (default: all of every process).
+    """
+    mesh = parallel.make_mesh(devices)
+    check_config(config, mesh)
+    train_source, val_source = load_sources(config)
+    steps_per_epoch = max(1, len(train_source) // config.batch_size)
+    total_steps = int(config.num_epochs * steps_per_epoch)
+    eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+
+    model = create_model(config)
+    schedule = optim.make_schedule(config.optimizer, config.batch_size, steps_per_epoch, total_steps)
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    frozen = ml_collections.FrozenConfigDict(config)
+    replicated, data = parallel.replicated(mesh), parallel.batch_sharding(mesh, batch_axis=1)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, config=frozen),
+        in_shardings=(replicated, data),
+        out_shardings=replicated,
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=model, config=frozen),
+        in_shardings=(replicated, parallel.batch_sharding(mesh)),
+        out_shardings=replicated,
+    )
+
+    writer = metrics_lib.MetricWriter(workdir)
+    writer.write_config(config)
+    checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_latest, config.keep_best)
+    preemption = Preemption()
+    try:
+        state = restore_or_init(config, checkpointer, model, tx, mesh)
+        start = int(state.step)
+        metrics_lib.log_line(
+            f"{config.model.name}: {len(train_source)} train / {len(val_source)} val images, "
+            f"{steps_per_epoch} steps/epoch, steps {start}..{total_steps}, {mesh.devices.size} devices, "
+            f"{jax.process_count()} process(es)."
+        )
+        batches = parallel.prefetch_to_device(
+            _micro_batches(config, train_source, start * config.grad_accum_steps), mesh, batch_axis=1
+        )
+        progress = metrics_lib.Progress(total_steps, start, config.batch_size, steps_per_epoch)
+        pending, pending_from = None, start
+
+        def save(step: int, eval_metrics: dict | None = None) -> None:
+            if pending is not None:  # Never save a state that went non-finite.
+                _check_finite(pending.compute(), pending_from, step)
+            checkpointer.save(step, state, _meta(config, step, steps_per_epoch), eval_metrics)
+
+        for step in range(start + 1, total_steps + 1):
+            state, step_metrics = step_fn(state, next(batches))
+            pending = step_metrics if pending is None else pending.merge(step_metrics)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                scalars = {k: float(v) for k, v in pending.compute().items()}
+                _check_finite(scalars, pending_from, step)
+                scalars.update(epoch=step / steps_per_epoch, lr=float(schedule(step - 1)), **progress.update(step))
+                writer.write(step, scalars)
+                metrics_lib.log_line(progress.line(step, scalars))
+                pending, pending_from = None, step
+            if step % eval_every == 0 or step == total_steps:
+                eval_metrics = evaluate(eval_variables(state, config), eval_fn, val_source, config, mesh)
+                writer.write(step, dict(eval_metrics, epoch=step / steps_per_epoch))
+                metrics_lib.log_line(
+                    f"eval step {step}: top1 {eval_metrics['val_top1']:.4f} top5 {eval_metrics['val_top5']:.4f} "
+                    f"loss {eval_metrics['val_loss']:.4f} over {eval_metrics['val_count']} images"
+                )
+                save(step, eval_metrics)
+            elif step % config.checkpoint_every_steps == 0:
+                save(step)
+            if preemption.should_stop() and step < total_steps:
+                if checkpointer.latest_step() != step:
+                    save(step)
+                checkpointer.wait()
+                metrics_lib.log_line(f"SIGTERM: saved step {step}; re-run the same command to resume.")
+                break
+        return state
+    finally:
+        preemption.restore()
+        checkpointer.close()
+        writer.close()
