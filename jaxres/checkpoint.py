@@ -53,7 +53,11 @@ class Checkpointer:
             read_only=read_only,
             enable_async_checkpointing=not read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -75,7 +79,7 @@ class Checkpointer:
         meta = dict(meta, metrics=metrics or {})
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
             metrics=metrics if metrics and BEST_METRIC in metrics else None,
             force=True,
         )
@@ -86,8 +90,10 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> Any:
         """Restores `state` at `step` into the shapes and shardings of `abstract_state`."""
         try:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
             restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                step,
+                args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract_state, restore_args)),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
@@ -101,19 +107,14 @@ class Checkpointer:
         """Params and batch stats only, as host-agnostic arrays (for `init_from`, evaluation)."""
         metadata = self._manager.item_metadata(step)["state"]
         tree = metadata.tree if hasattr(metadata, "tree") else metadata
-        wanted = {k: tree[k] for k in ("params", "batch_stats", "ema_params") if k in tree}
+        wanted = {k: tree[k] for k in ("params", "batch_stats", "ema_params") if k in tree and tree[k]}
         abstract = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_single_device()), wanted
         )
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
         restored = self._manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=abstract,
-                    restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract),
-                    partial_restore=True,
-                )
-            ),
+            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract, restore_args, partial_restore=True)),
         )
         return restored["state"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
@@ -44,10 +43,10 @@ def initialize_distributed(
             "--coordinator_address needs --num_processes and --process_id too "
             "(or use --multihost to let JAX detect a SLURM/MPI cluster)."
         )
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        # CPU devices of different processes talk through gloo; the default
-        # ("none") refuses cross-process collectives.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU devices of different processes talk through gloo (the default refuses
+    # cross-process collectives); GPU backends ignore this setting. It must be set
+    # before anything touches a backend, so no `jax.default_backend()` check here.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     else:

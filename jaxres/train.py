@@ -110,8 +110,9 @@ def train_step(
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params
     )
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(params))
     metrics = metrics_lib.TrainMetrics.single_from_model_output(
-        loss=loss, top1=correct / total_weight, grad_norm=optax.global_norm(grads)
+        loss=loss, top1=correct / total_weight, grad_norm=optax.global_norm(grads), finite=finite.astype(jnp.float32)
     )
     return new_state, metrics
 
@@ -252,9 +253,11 @@ class Preemption:
 
 
 def _check_finite(scalars: dict[str, float], first_step: int, last_step: int) -> None:
-    if not math.isfinite(scalars["loss"]):
+    """Raises when a step since the last check had a non-finite loss or produced non-finite params."""
+    if scalars.pop("finite") < 1.0 or not math.isfinite(scalars["loss"]):
         raise NonFiniteLossError(
-            f"The loss became {scalars['loss']} between steps {first_step} and {last_step}; stopped "
+            f"The loss or the weights became non-finite (mean loss {scalars['loss']}) between steps "
+            f"{first_step} and {last_step}; stopped "
             "without saving, so the last checkpoint is the last good state. Lower "
             "--config.optimizer.base_lr, add warmup or --config.optimizer.grad_clip_norm=1."
         )
@@ -371,6 +374,26 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     create_model(config)  # Unknown model names / fields fail here, before data loading.
 
 
+def make_step_fns(
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> tuple[Callable, Callable]:
+    """`train_step` (state donated, batch [A, B, ...] sharded on B) and `eval_step`, jitted on `mesh`."""
+    frozen = ml_collections.FrozenConfigDict(config)
+    replicated = parallel.replicated(mesh)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, config=frozen),
+        in_shardings=(replicated, parallel.batch_sharding(mesh, batch_axis=1)),
+        out_shardings=replicated,
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=model, config=frozen),
+        in_shardings=(replicated, parallel.batch_sharding(mesh)),
+        out_shardings=replicated,
+    )
+    return step_fn, eval_fn
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
 ) -> TrainState:
@@ -391,19 +414,7 @@ def train_and_evaluate(
     model = create_model(config)
     schedule = optim.make_schedule(config.optimizer, config.batch_size, steps_per_epoch, total_steps)
     tx = optim.make_optimizer(config.optimizer, schedule)
-    frozen = ml_collections.FrozenConfigDict(config)
-    replicated, data = parallel.replicated(mesh), parallel.batch_sharding(mesh, batch_axis=1)
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, config=frozen),
-        in_shardings=(replicated, data),
-        out_shardings=replicated,
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-        functools.partial(eval_step, model=model, config=frozen),
-        in_shardings=(replicated, parallel.batch_sharding(mesh)),
-        out_shardings=replicated,
-    )
+    step_fn, eval_fn = make_step_fns(config, model, tx, mesh)
 
     writer = metrics_lib.MetricWriter(workdir)
     writer.write_config(config)
@@ -425,7 +436,7 @@ def train_and_evaluate(
 
         def save(step: int, eval_metrics: dict | None = None) -> None:
             if pending is not None:  # Never save a state that went non-finite.
-                _check_finite(pending.compute(), pending_from, step)
+                _check_finite({k: float(v) for k, v in pending.compute().items()}, pending_from, step)
             checkpointer.save(step, state, _meta(config, step, steps_per_epoch), eval_metrics)
 
         for step in range(start + 1, total_steps + 1):

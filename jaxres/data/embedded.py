@@ -10,6 +10,7 @@ other folder dataset.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,8 @@ def write_digits(root: str | os.PathLike) -> Path:
     digits = load_digits()
     images = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
     is_val = stratified_split(digits.target, DIGITS_VAL_FRACTION, DIGITS_SPLIT_SEED)
-    tmp = out.with_name(out.name + ".tmp")
+    # Written aside, then renamed: concurrent processes (multi-process runs) never see a partial folder.
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     for index, (image, label, val) in enumerate(zip(images, digits.target, is_val)):
         folder = tmp / ("val" if val else "train") / str(label)
         folder.mkdir(parents=True, exist_ok=True)
@@ -55,9 +57,8 @@ def write_digits(root: str | os.PathLike) -> Path:
         )
         big.convert("RGB").save(folder / f"{index:04d}.jpg", quality=95)
     (tmp / IMAGE_FOLDER_DONE).write_text("ok\n")
-    if out.exists():  # A half-written folder from an interrupted run.
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # Another process finished first.
+        shutil.rmtree(tmp)
     return out
