@@ -1,0 +1,152 @@
+"""Throughput benchmarks of the real train and inference steps on synthetic, on-device data.
+
+Timing rules: compile first (timed separately), run `warmup` steps, then time
+each of `steps` steps to completion (`block_until_ready`; async dispatch is
+never timed) and report the median. Each run appends one JSON line to
+`benchmarks/results.jsonl` with the device, versions, date and exact command.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxres import config_base, optim, parallel, train
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results.jsonl")
+
+
+def device_name() -> str:
+    """E.g. "NVIDIA H100 80GB HBM3", or "cpu: <processor> x N cores" (marked as CPU)."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"cpu: {platform.processor() or platform.machine()} x {os.cpu_count()} cores"
+    return device.device_kind
+
+
+def peak_memory_gb() -> float:
+    """Peak device memory; on CPU the process's peak RSS (host memory)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def time_steps(run: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+    """Seconds per call of `run` (which must return something to block on)."""
+    for _ in range(warmup):
+        jax.block_until_ready(run())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _config(model: str, batch_size: int, dtype: str, image_size: int, num_classes: int):
+    c = config_base.base_config()
+    c.model.name, c.model.dtype = model, dtype
+    c.batch_size = c.eval_batch_size = batch_size
+    c.dataset.image_size, c.dataset.num_classes = image_size, num_classes
+    return c
+
+
+def _synthetic(batch_size: int, image_size: int, num_classes: int, leading: tuple = ()) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "image": rng.integers(0, 256, (*leading, batch_size, image_size, image_size, 3), dtype=np.uint8),
+        "label": rng.integers(0, num_classes, (*leading, batch_size), dtype=np.int32),
+        "mask": np.ones((*leading, batch_size), np.float32),
+    }
+
+
+def bench_jax(what: str, model: str, batch_size: int, dtype: str, steps: int, warmup: int,
+              image_size: int = 224, num_classes: int = 1000) -> dict[str, Any]:
+    """jaxres `train_step` (what="train") or the eval forward pass (what="infer")."""
+    config = _config(model, batch_size, dtype, image_size, num_classes)
+    mesh = parallel.make_mesh()
+    net = train.create_model(config)
+    tx = optim.make_optimizer(config.optimizer, optim.make_schedule(config.optimizer, batch_size, 1000, 100000))
+    state = jax.jit(lambda r: train.init_state(net, tx, config, r), out_shardings=parallel.replicated(mesh))(
+        jax.random.key(0)
+    )
+    step_fn, eval_fn = train.make_step_fns(config, net, tx, mesh)
+    if what == "train":
+        batch = parallel.to_global(_synthetic(batch_size, image_size, num_classes, (1,)), mesh, batch_axis=1)
+        start = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+        holder = [state]
+
+        def run():
+            holder[0], metrics = compiled(holder[0], batch)
+            return holder[0].step
+    else:
+        batch = parallel.to_global(_synthetic(batch_size, image_size, num_classes), mesh)
+        variables = train.eval_variables(state, config)
+        start = time.perf_counter()
+        compiled = eval_fn.lower(variables, batch).compile()
+        compile_s = time.perf_counter() - start
+
+        def run():
+            return compiled(variables, batch)
+
+    times = time_steps(run, steps, warmup)
+    return _row(what, "jax", model, batch_size, dtype, times, compile_s)
+
+
+def _row(what, framework, model, batch_size, dtype, times, compile_s, **extra) -> dict[str, Any]:
+    median = statistics.median(times)
+    return {
+        "what": what,
+        "framework": framework,
+        "model": model,
+        "device": device_name(),
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "img_per_sec": batch_size / median,
+        "step_ms_median": median * 1000,
+        "step_ms_min": min(times) * 1000,
+        "steps": len(times),
+        "compile_s": compile_s,
+        "peak_mem_gb": peak_memory_gb(),
+        "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        **extra,
+    }
+
+
+def append_result(row: dict[str, Any], path: str = RESULTS) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def render_markdown(path: str = RESULTS) -> str:
+    """The results table, newest first, one row per JSON line."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    lines = [
+        "| date | what | framework | model | device | batch | dtype | img/s | compile s | peak GB | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reversed(rows):
+        lines.append(
+            f"| {r['date']} | {r['what']} | {r.get('framework', 'jax')} | {r['model']} | {r['device']} | "
+            f"{r['batch_size']} | {r['dtype']} | {r['img_per_sec']:,.1f} | {r.get('compile_s', 0):.1f} | "
+            f"{r.get('peak_mem_gb', 0):.2f} | `{r['command']}` |"
+        )
+    return "\n".join(lines)

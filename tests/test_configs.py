@@ -1,0 +1,68 @@
+"""Configs load, keep every base key, and the optimizer follows them."""
+
+import glob
+import importlib.util
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxres import config_base, optim
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flat_keys(config):
+    return set(_walk(config.to_dict()))
+
+
+def _walk(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "overrides":
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+@pytest.mark.parametrize("path", [p for p in TRAIN_CONFIGS if not p.endswith("__init__.py")])
+def test_config_has_every_base_key(path):
+    module = _load(path)
+    assert module.__doc__ and "scripts/train.py" in module.__doc__  # Docstring = the command.
+    config = module.get_config()
+    assert _flat_keys(config) == _flat_keys(config_base.base_config())
+
+
+def test_imagenet_depth_argument():
+    module = _load(os.path.join(REPO, "configs", "imagenet_resnetv2.py"))
+    assert module.get_config("101").model.name == "resnetv2_101"
+    with pytest.raises(ValueError, match="depth must be one of"):
+        module.get_config("77")
+
+
+def test_schedules_and_decay_mask():
+    opt = config_base.base_config().optimizer
+    schedule = optim.make_schedule(opt, global_batch_size=512, steps_per_epoch=10, total_steps=100)
+    peak = 0.1 * 512 / 256
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(50)) == pytest.approx(peak)  # End of the 5 warmup epochs.
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
+    opt.schedule, opt.warmup_epochs, opt.decay_epochs = "step", 0.0, (3, 6)
+    step = optim.make_schedule(opt, 256, 10, 100)
+    assert [float(step(s)) for s in (0, 29, 30, 60)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    params = {"conv": {"kernel": jnp.ones((3, 3, 4, 4))}, "norm": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}}
+    assert optim.decay_mask(params) == {"conv": {"kernel": True}, "norm": {"scale": False, "bias": False}}
+    # Weight decay moves kernels only.
+    tx = optim.make_optimizer(opt, lambda _: 0.0 + 1.0)
+    zero = {k: {n: jnp.zeros_like(v) for n, v in d.items()} for k, d in params.items()}
+    updates, _ = tx.update(zero, tx.init(params), params)
+    assert np.all(np.asarray(updates["conv"]["kernel"]) != 0)
+    assert np.all(np.asarray(updates["norm"]["scale"]) == 0)
