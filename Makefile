@@ -2,17 +2,26 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-core
+CORE := $(VENV)/.installed-core
+FULL := $(VENV)/.installed-full
 WORKDIR ?= runs/demo
 
-.PHONY: venv demo test bench fmt clean
+.PHONY: venv venv-full demo test bench fmt clean
 
-venv: $(STAMP)
+venv: $(CORE)
+venv-full: $(FULL)
 
-$(STAMP): pyproject.toml
+# Core + dev tools: enough to train, evaluate, probe and run the demo.
+$(CORE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# + TensorFlow (dataset preparation through tfds) and torch / timm / Keras
+# (weight-import parity): the test suite exercises both.
+$(FULL): $(CORE)
+	$(PY) -m pip install -q -e '.[dev,prepare,convert]'
 	touch $@
 
 # Train on the embedded digits dataset, evaluate the best checkpoint, run a
@@ -21,12 +30,12 @@ demo: venv
 	$(PY) scripts/demo.py --workdir $(WORKDIR)
 
 # pytest exits 5 when it collected no tests: that must fail, not pass.
-test: venv
+test: venv-full
 	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
 bench: venv
-	$(PY) scripts/benchmark.py --what train --model resnetv2_50 --batch_size 32 --steps 5 --warmup 2
+	$(PY) scripts/benchmark.py --what train --model resnetv2_50 --batch_size 32 --steps 5 --warmup 2 --dtype float32
 
 fmt: venv
 	$(PY) -m ruff format jaxres scripts tests configs

@@ -457,7 +457,7 @@ def train_and_evaluate(
                     f"loss {eval_metrics['val_loss']:.4f} over {eval_metrics['val_count']} images"
                 )
                 save(step, eval_metrics)
-            elif step % config.checkpoint_every_steps == 0:
+            elif step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
                 save(step)
             if preemption.should_stop() and step < total_steps:
                 if checkpointer.latest_step() != step:
