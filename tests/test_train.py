@@ -170,3 +170,16 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
 def test_user_errors(data_dir, tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
         train.train_and_evaluate(smoke_config(data_dir, **overrides), str(tmp_path / "w"))
+
+
+def test_ema_tracks_params_and_is_evaluated(data_dir):
+    config = smoke_config(data_dir, ema_decay=0.9, **{"optimizer.warmup_epochs": 0.0})
+    mesh, state, step_fn, _ = _setup(config, jax.devices())
+    p0 = parallel.fetch(state.params)
+    batch = parallel.to_global(_fixed_batches(1, 1, 32)[0], mesh, batch_axis=1)
+    state, _ = step_fn(state, batch)
+    p1, e1 = parallel.fetch(state.params), parallel.fetch(state.ema_params)
+    for a, b, e in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), jax.tree.leaves(e1)):
+        np.testing.assert_allclose(e, 0.9 * a + 0.1 * b, rtol=1e-5, atol=1e-7)
+    assert train.eval_variables(state, config)["params"] is state.ema_params
+    assert not np.allclose(p1["stem_conv"]["kernel"], p0["stem_conv"]["kernel"])
