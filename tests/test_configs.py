@@ -66,3 +66,17 @@ def test_schedules_and_decay_mask():
     updates, _ = tx.update(zero, tx.init(params), params)
     assert np.all(np.asarray(updates["conv"]["kernel"]) != 0)
     assert np.all(np.asarray(updates["norm"]["scale"]) == 0)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+def test_every_optimizer_updates(name):
+    opt = config_base.base_config().optimizer
+    opt.name = name
+    params = {"conv": {"kernel": jnp.ones((3, 3, 4, 4))}, "norm": {"scale": jnp.ones(4)}}
+    tx = optim.make_optimizer(opt, optim.make_schedule(opt, 256, 10, 100))
+    grads = {"conv": {"kernel": jnp.full((3, 3, 4, 4), 0.5)}, "norm": {"scale": jnp.full(4, 0.5)}}
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+    assert np.isfinite(np.asarray(updates["conv"]["kernel"])).all()
+    assert np.abs(np.asarray(updates["conv"]["kernel"])).max() > 0
