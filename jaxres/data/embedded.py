@@ -30,7 +30,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
     for label in np.unique(labels):
         idx = np.flatnonzero(labels == label)
         rng.shuffle(idx)
-        is_val[idx[: int(round(len(idx) * val_fraction))]] = True
+        is_val[idx[: round(len(idx) * val_fraction)]] = True
     return is_val
 
 

@@ -14,18 +14,29 @@ rows `[p * B/P, (p + 1) * B/P)` of it. So:
 
 Evaluation pads the split to a whole number of global batches with masked
 examples, so every example is counted exactly once on any number of hosts.
+
+A record that cannot be decoded arrives with `mask = 0` (see transforms.py);
+training batches have no padding, so `skipped_count(batch)` is the number of
+undecodable records in a batch, correct across grain worker processes.
+
+Worker processes (`num_workers > 0`) receive the source and the transform by
+pickling: both must be picklable (sources open files lazily), and a script
+that starts them needs the usual `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grain
 import numpy as np
 
 
-def _process_rows(ds: grain.MapDataset, global_batch_size: int, process_index: int, process_count: int) -> grain.MapDataset:
+def _process_rows(
+    ds: grain.MapDataset, global_batch_size: int, process_index: int, process_count: int
+) -> grain.MapDataset:
     """Batches of this process's rows of each global batch."""
     local = global_batch_size // process_count
     return ds.batch(local, drop_remainder=True)[process_index::process_count]
@@ -100,6 +111,11 @@ class _MaskPadding:
         if not real:
             example["mask"] = np.float32(0)
         return example
+
+
+def skipped_count(batch: dict[str, np.ndarray]) -> int:
+    """Undecodable records in a training batch (rows with mask 0)."""
+    return int(np.size(batch["mask"]) - np.count_nonzero(batch["mask"]))
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:

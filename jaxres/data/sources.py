@@ -1,27 +1,85 @@
 """Random-access data sources: every record is `{"image": bytes, "label": int, "key": str}`.
 
-* `ImageFolderSource`: `root/<split>/<class>/<file>` folders (the embedded digits
+* `ImageFolderSource`: `root/<class>/<file>` folders (the embedded digits
   dataset, Caltech-style folders, anything a user has on disk).
+* `ListFileSource`: an image folder plus a split list file (`train.txt`,
+  `val.txt`: one `class/file` path per line), as `prepare_data.py
+  --split_lists_only` writes them.
+* `ArrayRecordSource`: a dataset written by `prepare_data.py` without
+  TensorFlow (Caltech-101/256, Indoor-67, image folders, pre-resized ImageNet):
+  `DIR/<name>/jaxres_dataset.json` plus `<split>.array_record-*` shards of
+  msgpack records and a `<split>.labels.npy` beside them.
 * `TfdsSource`: a tfds dataset prepared as array_record, read with
   `tfds.data_source` (no TensorFlow at read time; images stay encoded bytes).
 
-`open_source(config.dataset, split)` picks one from `dataset.name`; every
-source exposes `class_names`.
+`open_source(config.dataset, split)` picks one from `dataset.name`: "digits"
+is embedded; "imagefolder" is a folder (split sub-folders, or split list
+files when `DIR/<split>.txt` exists); a name whose `data_dir/<name>/` holds
+our metadata file is an `ArrayRecordSource`; anything else is a tfds name.
+Every source exposes `class_names` and `labels` (one int per record; cheap,
+so that protocols can sample N per class without decoding images).
+
+Record format of `ArrayRecordSource` (version 1): each record is a msgpack map
+`{"image": <encoded bytes>, "label": <int>, "key": <str>}`; shards are
+written with `group_size:1` for random access.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
+import msgpack
+import numpy as np
 
 from jaxres.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGE_FOLDER_DONE = ".complete"
 EMBEDDED = ("digits",)
+
+RECORDS_METADATA = "jaxres_dataset.json"
+RECORDS_FORMAT = "jaxres-array-record"
+RECORDS_VERSION = 1
+LIST_FILE_SUFFIX = ".txt"
+
+
+def encode_record(image: bytes, label: int, key: str) -> bytes:
+    """One `ArrayRecordSource` record: a msgpack map of image bytes, label and key."""
+    return msgpack.packb({"image": image, "label": int(label), "key": key}, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    """The inverse of `encode_record`."""
+    return msgpack.unpackb(data, raw=False)
+
+
+def shard_paths(directory: Path, split: str, num_shards: int) -> list[Path]:
+    """File names of a split's array_record shards."""
+    return [
+        directory / f"{split}.array_record-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)
+    ]
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The metadata of a prepared record dataset, or None when `directory` holds none."""
+    path = Path(directory) / RECORDS_METADATA
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("format") != RECORDS_FORMAT or meta.get("version", 0) > RECORDS_VERSION:
+        raise DataError(
+            f"{path} is format {meta.get('format')!r} version {meta.get('version')}; this jaxres reads "
+            f"{RECORDS_FORMAT!r} up to version {RECORDS_VERSION}. Upgrade jaxres or re-run prepare_data.py."
+        )
+    return meta
 
 
 class ImageFolderSource:
@@ -34,13 +92,15 @@ class ImageFolderSource:
                 f"Image folder {str(root)!r} does not exist; expected {root}/<class>/<image files>. "
                 "Check --config.dataset.data_dir and the split name."
             )
-        found = sorted(d.name for d in root.iterdir() if d.is_dir())
+        found = class_folders(root)
         self.class_names = list(class_names) if class_names is not None else found
         index = {name: i for i, name in enumerate(self.class_names)}
         self._files: list[tuple[str, int]] = []
         for name in found:
             if name not in index:
-                raise DataError(f"Class folder {name!r} in {root} is not one of the dataset's classes.")
+                raise DataError(
+                    f"Class folder {name!r} in {root} is not one of the dataset's classes."
+                )
             for f in sorted((root / name).iterdir()):
                 if f.suffix.lower() in IMAGE_EXTENSIONS:
                     self._files.append((str(f), index[name]))
@@ -54,11 +114,123 @@ class ImageFolderSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self._files[index]
         with open(path, "rb") as f:
-            return {"image": f.read(), "label": label, "key": os.path.relpath(path, self.root)}
+            return {"image": f.read(), "label": label, "key": self._key(path)}
+
+    def _key(self, path: str) -> str:
+        return os.path.relpath(path, self.root).replace(os.sep, "/")
 
     @property
-    def labels(self) -> list[int]:
-        return [label for _, label in self._files]
+    def keys(self) -> list[str]:
+        """Every record's key (`class/file`), without reading the images."""
+        return [self._key(path) for path, _ in self._files]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([label for _, label in self._files], np.int32)
+
+
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the class sub-folders of `root`."""
+    return sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def read_list_file(path: str | os.PathLike) -> list[str]:
+    """The `class/file` paths of a split list file (blank lines and `#` comments ignored)."""
+    lines = Path(path).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+class ListFileSource:
+    """Images `root/<class>/<file>` named by a list file; the class is the first path part."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        list_file: str | os.PathLike,
+        class_names: Sequence[str] | None = None,
+    ):
+        self.root = Path(root)
+        if not Path(list_file).is_file():
+            raise DataError(
+                f"Split list {str(list_file)!r} does not exist; write it with prepare_data.py --split_lists_only."
+            )
+        entries = read_list_file(list_file)
+        if not entries:
+            raise DataError(f"Split list {list_file} names no images.")
+        self.class_names = (
+            list(class_names) if class_names is not None else class_folders(self.root)
+        )
+        index = {name: i for i, name in enumerate(self.class_names)}
+        self._files: list[tuple[str, int]] = []
+        for entry in entries:
+            name = entry.replace("\\", "/").split("/")[0]
+            if name not in index:
+                raise DataError(
+                    f"{list_file}: {entry!r} is in class {name!r}, not a class folder of {self.root}."
+                )
+            self._files.append((entry, index[name]))
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        entry, label = self._files[index]
+        try:
+            with open(self.root / entry, "rb") as f:
+                image = f.read()
+        except FileNotFoundError:
+            raise DataError(
+                f"{self.root / entry} is in a split list but missing on disk."
+            ) from None
+        return {"image": image, "label": label, "key": entry}
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([label for _, label in self._files], np.int32)
+
+
+class ArrayRecordSource:
+    """A split of a dataset written by `prepare_data.py` (no TensorFlow needed)."""
+
+    def __init__(self, directory: str | os.PathLike, split: str):
+        self.directory = Path(directory)
+        meta = read_metadata(self.directory)
+        if meta is None:
+            raise DataError(
+                f"{self.directory} has no {RECORDS_METADATA}; prepare it with scripts/prepare_data.py."
+            )
+        if split not in meta["splits"]:
+            raise DataError(
+                f"Dataset {meta['name']!r} has no split {split!r}; it has {', '.join(sorted(meta['splits']))}. "
+                "Set --config.dataset.train_split / val_split."
+            )
+        info = meta["splits"][split]
+        self.metadata = meta
+        self.class_names = list(meta["class_names"])
+        self._paths = [str(self.directory / f) for f in info["files"]]
+        self._labels_path = self.directory / info["labels_file"]
+        self._num_examples = int(info["num_examples"])
+        self._reader = None  # Opened lazily, so that the source pickles into grain workers.
+
+    def _source(self) -> Any:
+        if self._reader is None:
+            from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+            self._reader = ArrayRecordDataSource(self._paths)
+        return self._reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__, _reader=None)
+
+    def __len__(self) -> int:
+        return self._num_examples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return decode_record(self._source()[int(index)])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.load(self._labels_path)
 
 
 class TfdsSource:
@@ -72,7 +244,7 @@ class TfdsSource:
             self._source = builder.as_data_source(
                 split=split, decoders={"image": tfds.decode.SkipDecoding()}
             )
-        except Exception as e:  # tfds raises many types for "not prepared"
+        except Exception as e:  # noqa: BLE001 - tfds raises many types for "not prepared".
             raise DataError(
                 f"tfds dataset {name!r} split {split!r} is not prepared under data_dir={data_dir!r} "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Prepare it first: "
@@ -80,6 +252,7 @@ class TfdsSource:
             ) from None
         self.class_names = list(builder.info.features["label"].names)
         self._split = split
+        self._labels_cache = Path(builder.data_dir) / f"jaxres_labels_{split.replace('/', '_')}.npy"
 
     def __len__(self) -> int:
         return len(self._source)
@@ -91,8 +264,42 @@ class TfdsSource:
             key = key.decode()
         return {"image": record["image"], "label": int(record["label"]), "key": str(key)}
 
+    @property
+    def labels(self) -> np.ndarray:
+        """Every record's label; read once (a full pass over the split), then cached beside it."""
+        if self._labels_cache.is_file():
+            return np.load(self._labels_cache)
+        log.info(
+            "Reading the labels of %d records once; cached as %s", len(self), self._labels_cache
+        )
+        labels = np.array([int(self._source[i]["label"]) for i in range(len(self))], np.int32)
+        try:
+            np.save(self._labels_cache, labels)
+        except OSError:  # A read-only data_dir: still correct, just not cached.
+            pass
+        return labels
 
-def open_source(dataset: ml_collections.ConfigDict, split: str) -> ImageFolderSource | TfdsSource:
+
+def _image_folder(
+    dataset: ml_collections.ConfigDict, split: str
+) -> ImageFolderSource | ListFileSource:
+    if not dataset.data_dir:
+        raise DataError(
+            "dataset.name='imagefolder' needs --config.dataset.data_dir=DIR (DIR/<split>/<class>/*)."
+        )
+    root = Path(os.path.expanduser(dataset.data_dir))
+    list_file = root / f"{split}{LIST_FILE_SUFFIX}"
+    if list_file.is_file():  # DIR/<class>/* with DIR/train.txt, DIR/val.txt.
+        return ListFileSource(root, list_file)
+    train_root = root / dataset.train_split
+    # Label ids come from the train split's class folders, whatever split is read.
+    classes = class_folders(train_root) if train_root.is_dir() else None
+    return ImageFolderSource(root / split, classes)
+
+
+def open_source(
+    dataset: ml_collections.ConfigDict, split: str
+) -> ImageFolderSource | ListFileSource | ArrayRecordSource | TfdsSource:
     """The source for `split` of `dataset` (`config.dataset`)."""
     if dataset.name in EMBEDDED:
         from jaxres.data import embedded
@@ -100,11 +307,8 @@ def open_source(dataset: ml_collections.ConfigDict, split: str) -> ImageFolderSo
         root = embedded.write_digits(os.path.expanduser(dataset.data_dir))
         return ImageFolderSource(root / split)
     if dataset.name == "imagefolder":
-        if not dataset.data_dir:
-            raise DataError("dataset.name='imagefolder' needs --config.dataset.data_dir=DIR (DIR/<split>/<class>/*).")
-        root = Path(os.path.expanduser(dataset.data_dir))
-        train_root = root / dataset.train_split
-        # Label ids come from the train split's class folders, whatever split is read.
-        classes = sorted(d.name for d in train_root.iterdir() if d.is_dir()) if train_root.is_dir() else None
-        return ImageFolderSource(root / split, classes)
-    return TfdsSource(dataset.name, split, os.path.expanduser(dataset.data_dir) if dataset.data_dir else None)
+        return _image_folder(dataset, split)
+    data_dir = os.path.expanduser(dataset.data_dir) if dataset.data_dir else None
+    if data_dir and (Path(data_dir) / dataset.name / RECORDS_METADATA).is_file():
+        return ArrayRecordSource(Path(data_dir) / dataset.name, split)
+    return TfdsSource(dataset.name, split, data_dir)

@@ -12,6 +12,9 @@ activation are arguments, not copies.
 * BiT (Kolesnikov et al. 2020): ResNetV2 with GroupNorm(32) and weight-standardised convs.
 * Squeeze-and-Excitation (Hu et al. 2018) on either family, after the branch's last
   conv/norm and before the residual add (timm `SEModule`).
+* Keras Applications layouts, as options of the same module (see `jaxres.convert`):
+  ResNet v1 (`stride_in_1x1`, biases on every conv) and ResNetV2 (`stride_block="last"`,
+  biases on the convs that write to the residual stream), BatchNorm epsilon 1.001e-5.
 
 Parameters are always float32; `dtype` only sets the compute dtype. Norm statistics are
 reduced in float32, and pooled features and logits are returned in float32.
@@ -48,6 +51,14 @@ NORM_TYPES = ("batch", "group")
 # "same": TF-style input-size dependent 'SAME' padding for conv and pool (ViT hybrids).
 # "cifar": 3x3/1 conv and no pool, for 32x32 images.
 STEM_TYPES = ("default", "fixed", "same", "cifar")
+# Which convs have a bias. "none": PyTorch / timm / BiT. "all": Keras ResNet v1.
+# "residual": only the convs that write to the residual stream (stem, projection and
+# the last conv of each branch), as Keras ResNetV2; its other convs feed a norm.
+CONV_BIAS = ("none", "all", "residual")
+# Which block of a stage strides. "first": the first block of stages 2.. (He et al.,
+# torchvision, timm). "last": the last block of every stage but the last (TF-slim and
+# Keras ResNetV2); its shortcut subsamples the input when the width does not change.
+STRIDE_BLOCKS = ("first", "last")
 # Output channels of a block are `width * expansion`.
 EXPANSION = {"basic": 1, "bottleneck": 4}
 # BiT / timm `resnetv2_*_bit` standardise conv kernels with this epsilon.
@@ -138,7 +149,8 @@ class ResidualBlock(nn.Module):
     projection shortcut is conv + norm on the block input.
     Pre-activation (v2): norm-act-conv ... norm-act-conv [-SE] + shortcut; the projection
     shortcut is a bare conv on the pre-activated input (timm `PreActBottleneck`).
-    The stride sits on the 3x3 conv; a projection is used when stride or width changes.
+    The stride sits on the 3x3 conv (on the first 1x1 with `stride_in_1x1`); a projection
+    is used when the width changes, or the stride unless `subsample_shortcut`.
 
     Attributes:
       width: channels of the inner convs; the block outputs `width * EXPANSION[block]`.
@@ -146,11 +158,17 @@ class ResidualBlock(nn.Module):
       block: "basic" or "bottleneck".
       preact: pre-activation (v2) instead of post-activation (v1.5).
       conv: conv constructor (e.g. a partial of `nn.Conv` or `StdConv`).
+      conv_bias: one of `CONV_BIAS`: which of the block's convs get a bias.
       norm: norm constructor (a partial of `nn.BatchNorm` or `nn.GroupNorm`).
       act: activation function.
       se_reduced: channels of the SE bottleneck, or None for no SE.
       zero_init_last: start the residual branch at zero (last norm scale for v1.5, last
         conv kernel for v2, which has no norm after it, as timm does).
+      stride_in_1x1: stride on the first 1x1 conv of a bottleneck (original ResNet v1,
+        Caffe, Keras) instead of the 3x3 (v1.5).
+      subsample_shortcut: a strided block of unchanged width takes every `strides`-th
+        input pixel as its shortcut (Keras `MaxPooling2D(1, strides)`) instead of a
+        projection.
       dtype: compute dtype.
     """
 
@@ -163,16 +181,21 @@ class ResidualBlock(nn.Module):
     act: Callable[[jax.Array], jax.Array]
     se_reduced: int | None = None
     zero_init_last: bool = False
+    conv_bias: str = "none"
+    stride_in_1x1: bool = False
+    subsample_shortcut: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out = self.width * EXPANSION[self.block]
-        if self.block == "bottleneck":
+        if self.block == "bottleneck" and self.stride_in_1x1:
+            specs = [(1, self.strides, self.width), (3, 1, self.width), (1, 1, out)]
+        elif self.block == "bottleneck":
             specs = [(1, 1, self.width), (3, self.strides, self.width), (1, 1, out)]
         else:
             specs = [(3, self.strides, out), (3, 1, out)]
-        project = self.strides != 1 or x.shape[-1] != out
+        project = x.shape[-1] != out or (self.strides != 1 and not self.subsample_shortcut)
         last = len(specs)
         # v2 has no norm after the last conv, so its branch is zeroed through the kernel.
         zero_conv = self.zero_init_last and self.preact
@@ -185,6 +208,7 @@ class ResidualBlock(nn.Module):
                 (kernel, kernel),
                 strides=(stride, stride),
                 padding=_padding(kernel),
+                use_bias=self.conv_bias == "all" or (self.conv_bias == "residual" and i == last),
                 name=f"conv{i}",
                 **init,
             )
@@ -195,10 +219,13 @@ class ResidualBlock(nn.Module):
                 (1, 1),
                 strides=(self.strides, self.strides),
                 padding="VALID",
+                use_bias=self.conv_bias != "none",
                 name="downsample_conv",
             )
 
         shortcut = x
+        if not project and self.strides != 1:
+            shortcut = x[:, :: self.strides, :: self.strides]
         if self.preact:
             y = self.act(self.norm(name="norm1")(x))
             if project:
@@ -242,7 +269,11 @@ class ResNet(nn.Module):
       norm_momentum: BatchNorm running-average decay (0.9 == PyTorch momentum 0.1).
       norm_groups: GroupNorm groups.
       weight_std: weight-standardised convs (BiT).
-      conv_bias: give convs a bias (Keras convs have one).
+      conv_bias: which convs have a bias, one of `CONV_BIAS` ("none"; Keras: "all" for
+        v1, "residual" for v2).
+      stride_block: which block of a stage strides, one of `STRIDE_BLOCKS` ("last":
+        Keras ResNetV2, whose "stage1".."stage3" features are then at half the usual size).
+      stride_in_1x1: bottleneck stride on the first 1x1 conv (original v1 / Keras ResNet).
       se_ratio: Squeeze-and-Excitation reduction (1/16 for SE-ResNet), None for no SE.
       final_norm: norm + act after the last stage (ResNetV2 has it, v1.5 does not).
       zero_init_last: start each residual branch at zero (see `ResidualBlock`).
@@ -264,7 +295,9 @@ class ResNet(nn.Module):
     norm_momentum: float = 0.9
     norm_groups: int = 32
     weight_std: bool = False
-    conv_bias: bool = False
+    conv_bias: str = "none"
+    stride_block: str = "first"
+    stride_in_1x1: bool = False
     se_ratio: float | None = None
     final_norm: bool = True
     zero_init_last: bool = False
@@ -277,6 +310,8 @@ class ResNet(nn.Module):
             ("block", self.block, BLOCK_TYPES),
             ("norm", self.norm, NORM_TYPES),
             ("stem_type", self.stem_type, STEM_TYPES),
+            ("conv_bias", self.conv_bias, CONV_BIAS),
+            ("stride_block", self.stride_block, STRIDE_BLOCKS),
         ):
             if value not in valid:
                 raise ConfigError(unknown_name(f"ResNet {field}", value, valid))
@@ -306,7 +341,7 @@ class ResNet(nn.Module):
         """
         conv = functools.partial(
             StdConv if self.weight_std else nn.Conv,
-            use_bias=self.conv_bias,
+            use_bias=self.conv_bias != "none",
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=conv_kernel_init,
@@ -329,6 +364,9 @@ class ResNet(nn.Module):
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
                 force_float32_reductions=True,
+                # Two-pass variance: E[x^2] - E[x]^2 cancels badly on the pre-activation
+                # residual stream, whose mean is large (10x the error of timm on BiT).
+                use_fast_variance=False,
             )
 
         features = {}
@@ -341,9 +379,13 @@ class ResNet(nn.Module):
                 make_divisible(out * self.se_ratio, 8, round_limit=0.0) if self.se_ratio else None
             )
             for b in range(1, size + 1):
+                if self.stride_block == "first":
+                    strided = s > 1 and b == 1
+                else:
+                    strided = s < len(self.stage_sizes) and b == size
                 x = ResidualBlock(
                     width=width,
-                    strides=2 if (s > 1 and b == 1) else 1,
+                    strides=2 if strided else 1,
                     block=self.block,
                     preact=self.preact,
                     conv=conv,
@@ -351,6 +393,9 @@ class ResNet(nn.Module):
                     act=self.act,
                     se_reduced=se_reduced,
                     zero_init_last=self.zero_init_last,
+                    conv_bias=self.conv_bias,
+                    stride_in_1x1=self.stride_in_1x1,
+                    subsample_shortcut=self.stride_block == "last",
                     dtype=self.dtype,
                     name=f"stage{s}_block{b}",
                 )(x)
