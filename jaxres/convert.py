@@ -67,28 +67,48 @@ KERAS_V1 = {"stride_in_1x1": True, "conv_bias": "all", "norm_eps": 1.001e-5, "st
 # Keras ResNetV2: the last block of stages 1-3 strides (identity shortcut subsampled),
 # biases on stem / projection / last conv only, and the un-activated stem output is
 # zero-padded before the max-pool ("fixed" stem).
-KERAS_V2 = {"stride_block": "last", "conv_bias": "residual", "norm_eps": 1.001e-5, "stem_type": "fixed"}
+KERAS_V2 = {
+    "stride_block": "last",
+    "conv_bias": "residual",
+    "norm_eps": 1.001e-5,
+    "stem_type": "fixed",
+}
 
 # mode -> RGB mean / std in uint8 units, and what the source expects.
 PREPROCESSING = {
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD, "x / 255, minus ImageNet mean, over ImageNet std (RGB)"),
+    "imagenet": (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "x / 255, minus ImageNet mean, over ImageNet std (RGB)",
+    ),
     "[-1,1]": ((127.5,) * 3, (127.5,) * 3, "x / 127.5 - 1 (RGB)"),
     "caffe": (
         (123.68, 116.779, 103.939),
         (1.0, 1.0, 1.0),
-        "Caffe: BGR minus mean (103.939, 116.779, 123.68), no scaling; the BGR channel order "
-        "is folded into stem_conv, so jaxres feeds RGB minus the RGB-ordered mean",
+        (
+            "Caffe: BGR minus mean (103.939, 116.779, 123.68), no scaling; the BGR channel "
+            "order is folded into stem_conv, so jaxres feeds RGB minus the RGB-ordered mean"
+        ),
     ),
 }
-RESIZE_RULE = "resize the shorter side to image_size / eval_crop_ratio (bilinear), centre-crop image_size"
+RESIZE_RULE = (
+    "resize the shorter side to image_size / eval_crop_ratio (bilinear), centre-crop image_size"
+)
 
 _TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _BIT = tuple(f"resnetv2_{v}_bit" for v in ("50x1", "50x3", "101x1", "101x3", "152x2", "152x4"))
-_TIMM = _TORCHVISION + ("resnet200", "seresnet50", "seresnet101", "seresnet152") + tuple(
-    f"resnetv2_{d}" for d in (18, 34, 50, 101, 152)
-) + _BIT
+_TIMM = (
+    _TORCHVISION
+    + ("resnet200", "seresnet50", "seresnet101", "seresnet152")
+    + tuple(f"resnetv2_{d}" for d in (18, 34, 50, 101, 152))
+    + _BIT
+)
 # Keras Applications name (lower case) -> (jaxres model, is ResNetV2).
-_KERAS = {f"resnet{d}{v}": (f"resnet{'v2_' if v else ''}{d}", bool(v)) for d in (50, 101, 152) for v in ("", "v2")}
+_KERAS = {
+    f"resnet{d}{v}": (f"resnet{'v2_' if v else ''}{d}", bool(v))
+    for d in (50, 101, 152)
+    for v in ("", "v2")
+}
 _KERAS_NAMES = ("ResNet50", "ResNet101", "ResNet152", "ResNet50V2", "ResNet101V2", "ResNet152V2")
 
 
@@ -188,10 +208,13 @@ def convert(source: str, model: str, path: str) -> Converted:
     aliases: dict[str, str] = {}
     if source == "keras":
         tensors, saved_name = src.read_keras(path)
-        if saved_name and saved_name.lower() != model.lower().replace("_", ""):
-            raise CheckpointError(f"{path} holds Keras model {saved_name!r}, not {model!r}; pass --model {saved_name}.")
-        key_fn = functools.partial(src.keras_key, preact=preact)
-        layout_fn = lambda a, kind, var: a  # noqa: E731 - Keras is already HWIO / [in, out].
+        saved = (saved_name or "").lower()
+        if saved in _KERAS and saved != model.lower().replace("_", ""):
+            raise CheckpointError(
+                f"{path} holds Keras model {saved_name!r}, not {model!r}; "
+                f"pass --model {saved_name}."
+            )
+        key_fn, layout_fn = functools.partial(src.keras_key, preact=preact), src.keras_layout
     elif source == "bit_npz":
         tensors, key_fn, layout_fn = src.read_npz(path), src.bit_key, src.bit_layout
     else:
@@ -217,7 +240,9 @@ def _template(arch: Architecture, num_classes: int) -> dict[str, Any]:
     """Abstract variables (shapes only) of the architecture with `num_classes` outputs."""
     module = models.create_model(arch.model, num_classes, "float32", **arch.overrides)
     x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-    return flax.core.unfreeze(jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x))
+    return flax.core.unfreeze(
+        jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
+    )
 
 
 def _modules(template: dict[str, Any]) -> dict[str, list[str]]:
@@ -253,7 +278,10 @@ def assign(
       CheckpointError: a missing, mis-shaped or unused tensor.
     """
     aliases = aliases or {}
-    spell = lambda key: f"{key!r}" + (f" ({aliases[key]})" if key in aliases else "")  # noqa: E731
+
+    def spell(key: str) -> str:
+        return f"{key!r}" + (f" ({aliases[key]})" if key in aliases else "")
+
     flat, used = {}, {}
     for path, abstract in _network_order(template):
         module, var = "/".join(path[1:-1]), path[-1]
@@ -263,19 +291,21 @@ def assign(
             close = difflib.get_close_matches(key, list(tensors), n=1)
             hint = f" Closest key in the file: {close[0]!r}." if close else ""
             raise CheckpointError(
-                f"{context}: no tensor {spell(key)} for jaxres {target} {tuple(abstract.shape)}.{hint} "
-                "Is the file that model?"
+                f"{context}: no tensor {spell(key)} for jaxres {target} "
+                f"{tuple(abstract.shape)}.{hint} Is the file that model?"
             )
         if key in used:
-            raise CheckpointError(f"{context}: {spell(key)} would fill both {used[key]} and {target}.")
+            raise CheckpointError(
+                f"{context}: {spell(key)} would fill both {used[key]} and {target}."
+            )
         source = tensors[key]
         array = layout_fn(source, src.module_kind(module), var)
         if array.ndim > 1 and len(abstract.shape) == 1 and array.size == abstract.shape[0]:
             array = array.reshape(-1)  # Vectors some files store as [1, 1, 1, C].
         if array.shape != tuple(abstract.shape):
             raise CheckpointError(
-                f"{context}: {spell(key)} has shape {tuple(source.shape)}, but jaxres {target} needs "
-                f"{tuple(abstract.shape)}. Is the file that model (depth, width, classes)?"
+                f"{context}: {spell(key)} has shape {tuple(source.shape)}, but jaxres {target} "
+                f"needs {tuple(abstract.shape)}. Is the file that model (depth, width, classes)?"
             )
         flat[path] = np.asarray(array, np.float32)
         used[key] = target
@@ -344,7 +374,10 @@ def default_class_names(num_classes: int) -> list[str]:
 
 
 def save_run(
-    converted: Converted, output: str, image_size: int = 224, class_names: Sequence[str] | None = None
+    converted: Converted,
+    output: str,
+    image_size: int = 224,
+    class_names: Sequence[str] | None = None,
 ) -> str:
     """Writes `output/config.json` and `output/checkpoints/` (step 0); returns `output`.
 
@@ -356,10 +389,13 @@ def save_run(
     ckpt_dir = os.path.join(output, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise CheckpointError(f"{output} already holds checkpoints; pass a new --output directory.")
-    names = list(class_names) if class_names is not None else default_class_names(converted.num_classes)
+    names = (
+        list(class_names) if class_names is not None else default_class_names(converted.num_classes)
+    )
     if len(names) != converted.num_classes:
         raise ConfigError(
-            f"{len(names)} class names for a head of {converted.num_classes} classes; give one name per line."
+            f"{len(names)} class names for a head of {converted.num_classes} classes; "
+            "give one name per line."
         )
     config = run_config(converted, image_size)
     writer = MetricWriter(output, enabled=True, tensorboard=False)

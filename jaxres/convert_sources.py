@@ -1,17 +1,15 @@
 """Readers and name maps of the weight formats `jaxres.convert` imports.
 
 A *source* turns a local file into `{key: numpy array}` and names, for every jaxres
-variable (`module`, `var`), the key holding it and how to re-lay it out:
+variable (`module`, `var`), the key holding it and how to re-lay it out. The key of
+`stage2_block1/conv1/kernel`:
 
-=============  =====================================  ==============================
-source         file                                   key of `stage2_block1/conv1`
-=============  =====================================  ==============================
-torchvision    state dict (.pth/.pt/.bin/.safetensors)  `layer2.0.conv1.weight`
-timm           state dict (.pth/.pt/.bin/.safetensors)  `stages.1.blocks.0.conv1.weight`
-                                                      (`layer2.0...` for timm `resnet*`)
-bit_npz        BiT release .npz                       `resnet/block2/unit01/a/standardized_conv2d/kernel`
-keras          legacy .h5, Keras 3 .weights.h5/.keras `conv3_block1_1_conv/kernel`
-=============  =====================================  ==============================
+* torchvision, timm: state dicts (.pth / .pt / .bin / .safetensors); torchvision and
+  timm `resnet*` name it `layer2.0.conv1.weight`, timm `resnetv2*`
+  `stages.1.blocks.0.conv1.weight`.
+* bit_npz: the BiT release .npz, `resnet/block2/unit01/a/standardized_conv2d/kernel`.
+* keras: name-keyed legacy .h5 (the Keras Applications downloads), Keras 3
+  .weights.h5 / .keras; `conv3_block1_1_conv/kernel`.
 
 PyTorch stores conv kernels OIHW and linear weights [out, in]; jaxres (like Keras
 and BiT) stores HWIO and [in, out]. Keras 3 `.weights.h5` files key variables by
@@ -36,7 +34,13 @@ from jaxres.errors import CheckpointError
 IGNORED_SUFFIXES = (".num_batches_tracked",)  # PyTorch BatchNorm's step counter.
 
 # jaxres variable -> source variable name, per module kind.
-_TORCH_VARS = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+_TORCH_VARS = {
+    "kernel": "weight",
+    "bias": "bias",
+    "scale": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 # Keras and BiT call a norm's bias "beta" and its scale "gamma".
 _KERAS_VARS = {"kernel": "kernel", "bias": "bias", "mean": "moving_mean", "var": "moving_variance"}
 _NORM_VARS = {"scale": "gamma", "bias": "beta"}
@@ -45,7 +49,7 @@ _KERAS_BN_ORDER = ("scale", "bias", "mean", "var")
 
 
 def module_kind(module: str) -> str:
-    """"conv", "norm" or "dense" for a jaxres module path such as `stage1_block1/conv2`."""
+    """The kind ("conv", "norm" or "dense") of a jaxres module path, e.g. `stage1_block1/conv2`."""
     leaf = module.rsplit("/", 1)[-1]
     if leaf in ("head", "fc1", "fc2"):
         return "dense"
@@ -84,7 +88,9 @@ def torch_key(module: str, var: str, preact: bool) -> str:
         rest = {"downsample_conv": "downsample.conv"}.get(rest, rest)
     else:
         prefix = f"layer{stage}.{block - 1}"
-        rest = {"downsample_conv": "downsample.0", "downsample_norm": "downsample.1"}.get(rest, rest)
+        rest = {"downsample_conv": "downsample.0", "downsample_norm": "downsample.1"}.get(
+            rest, rest
+        )
         rest = rest.replace("norm", "bn")
     return f"{prefix}.{rest.replace('/', '.')}.{suffix}"
 
@@ -123,7 +129,9 @@ def read_torch(path: str) -> dict[str, np.ndarray]:
             state = state[wrapper]
             break
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
+        raise CheckpointError(
+            f"{path} holds a {type(state).__name__}, not a state dict of tensors."
+        )
     if state and all(k.startswith("module.") for k in state):  # Saved from DistributedDataParallel.
         state = {k[len("module.") :]: v for k, v in state.items()}
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
@@ -171,7 +179,12 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 
 def keras_layer(module: str, preact: bool) -> str:
     """The Keras Applications layer name of a jaxres module (`conv3_block1_1_conv`)."""
-    top = {"stem_conv": "conv1_conv", "stem_norm": "conv1_bn", "final_norm": "post_bn", "head": "predictions"}
+    top = {
+        "stem_conv": "conv1_conv",
+        "stem_norm": "conv1_bn",
+        "final_norm": "post_bn",
+        "head": "predictions",
+    }
     if module in top:
         return top[module]
     stage, block, rest = _block_parts(module)
@@ -189,9 +202,17 @@ def keras_layer(module: str, preact: bool) -> str:
     return f"conv{stage + 1}_block{block}_{name}"
 
 
+def keras_layout(array: np.ndarray, kind: str, var: str) -> np.ndarray:
+    """Keras stores conv kernels HWIO and dense kernels [in, out], as jaxres does."""
+    del kind, var
+    return array
+
+
 def keras_key(module: str, var: str, preact: bool) -> str:
     """The name-keyed Keras variable of a jaxres variable: `layer/var`."""
-    suffix = _NORM_VARS[var] if module_kind(module) == "norm" and var in _NORM_VARS else _KERAS_VARS[var]
+    suffix = (
+        _NORM_VARS[var] if module_kind(module) == "norm" and var in _NORM_VARS else _KERAS_VARS[var]
+    )
     return f"{keras_layer(module, preact)}/{suffix}"
 
 
@@ -210,9 +231,20 @@ def keras_positional_keys(modules: dict[str, list[str]], preact: bool) -> dict[s
         block_order = ("norm1", "conv1", "norm2", "conv2", "norm3", "downsample_conv", "conv3")
         order = ["stem_conv"]
     else:
-        block_order = ("conv1", "norm1", "conv2", "norm2", "downsample_conv", "conv3", "downsample_norm", "norm3")
+        block_order = (
+            "conv1",
+            "norm1",
+            "conv2",
+            "norm2",
+            "downsample_conv",
+            "conv3",
+            "downsample_norm",
+            "norm3",
+        )
         order = ["stem_conv", "stem_norm"]
-    blocks = sorted({m.split("/")[0] for m in modules if m.startswith("stage")}, key=_block_parts_key)
+    blocks = sorted(
+        {m.split("/")[0] for m in modules if m.startswith("stage")}, key=_block_parts_key
+    )
     order += [f"{b}/{name}" for b in blocks for name in block_order if f"{b}/{name}" in modules]
     order += [m for m in ("final_norm", "head") if m in modules]
 
@@ -256,7 +288,7 @@ def read_keras(path: str) -> tuple[dict[str, np.ndarray], str | None]:
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path} is not a readable Keras weights file ({e}).") from None
     with handle:
-        root = handle["model_weights"] if "model_weights" in handle else handle
+        root = handle.get("model_weights", handle)  # Whole-model legacy .h5 saves nest it.
         tensors: dict[str, np.ndarray] = {}
         positional = "layers" in root and "layer_names" not in root.attrs
 
@@ -274,5 +306,7 @@ def check_file(path: str) -> str:
     """The absolute path of an existing file, or a CheckpointError naming it."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
-        raise CheckpointError(f"Weights file {path!r} does not exist; pass a local file with --input.")
+        raise CheckpointError(
+            f"Weights file {path!r} does not exist; pass a local file with --input."
+        )
     return path

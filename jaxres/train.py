@@ -311,6 +311,16 @@ def _load_init_from(run: str, state: TrainState, shardings: Any) -> TrainState:
     source = ckpt_lib.Checkpointer(ckpt_lib.run_checkpoint_dir(run), read_only=True)
     step = ckpt_lib.resolve_step(source, "latest")
     loaded = source.restore_params(step)
+    extra = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_leaves_with_path(loaded["params"])
+        if _lookup(state.params, p) is None and "head" not in jax.tree_util.keystr(p)
+    ]
+    if extra:  # E.g. conv biases of a Keras import that this model config lacks.
+        raise CheckpointError(
+            f"init_from={run!r} has weights this model lacks, e.g. {', '.join(extra[:3])}; use the "
+            f"model.name and model.overrides of {run}/config.json."
+        )
     fresh = []
 
     def merge(path, new, old_tree):

@@ -17,11 +17,17 @@ from absl import app, flags
 
 from jaxres import cli
 
-flags.DEFINE_enum("source", None, ["keras", "timm", "torchvision", "bit_npz"], "Where the weights come from.")
-flags.DEFINE_string("model", None, "The source's model name: resnet50, resnetv2_50x1_bit, ResNet50V2, ...")
+flags.DEFINE_enum(
+    "source", None, ["keras", "timm", "torchvision", "bit_npz"], "Where the weights come from."
+)
+flags.DEFINE_string(
+    "model", None, "The source's model name: resnet50, resnetv2_50x1_bit, ResNet50V2, ..."
+)
 flags.DEFINE_string("input", None, "The local weights file.")
 flags.DEFINE_string("output", None, "The run directory to write (must not hold checkpoints yet).")
-flags.DEFINE_string("class_names", None, "Optional text file with one class name per line, in head order.")
+flags.DEFINE_string(
+    "class_names", None, "Optional text file with one class name per line, in head order."
+)
 flags.DEFINE_integer("image_size", 224, "Input size recorded in config.json (dataset.image_size).")
 
 
@@ -36,7 +42,8 @@ def main(argv):
         output = convert.save_run(converted, f.output, f.image_size, names)
         arch = converted.architecture
         print(
-            f"Wrote {output}: {arch.model} {arch.overrides or ''} with {converted.num_classes} classes "
+            f"Wrote {output}: {arch.model} {arch.overrides or ''} "
+            f"with {converted.num_classes} classes "
             f"from {f.source} {f.model}; preprocessing {arch.preprocessing}. "
             f"Evaluate: python scripts/evaluate.py --workdir {output}",
             flush=True,

@@ -11,3 +11,10 @@ from absl import flags  # noqa: E402
 
 # grain and other absl users read flags; pytest does not parse them.
 flags.FLAGS.mark_as_parsed()
+
+# torchvision / timm load triton, which crashes when TensorFlow was imported first
+# (tfds preparation tests import TensorFlow): load them first when installed.
+try:
+    import torchvision  # noqa: F401, E402
+except ImportError:
+    pass
