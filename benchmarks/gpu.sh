@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU side-by-side (issue: ResNet-50 throughput on one H100 ahead of PyTorch).
+# Run from the repository root on a GPU host that has jax[cuda], flax, optax, orbax,
+# torch, torchvision and timm (e.g. the lent H100 image); grain / clu / ml_collections /
+# tfds come as cp312 wheels in wheels/ (fetch them with the `pip download` line below).
+#
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d wheels/ \
+#     grain array-record clu ml-collections tensorflow-datasets tensorboardX etils \
+#     promise simple-parsing dm-tree
+#   bash benchmarks/gpu.sh
+set -euo pipefail
+if ls wheels/*.whl >/dev/null 2>&1; then pip install -q --no-deps wheels/*.whl; fi
+pip install -q --no-deps -e .
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+for bs in 256; do
+  python scripts/benchmark.py --what train --model resnetv2_50 --batch_size $bs --dtype bfloat16
+  python scripts/benchmark.py --what train --model resnet50 --batch_size $bs --dtype bfloat16
+  python scripts/benchmark.py --what train --framework torch --model resnet50 --batch_size $bs --dtype bfloat16
+done
+for bs in 256 1024; do
+  python scripts/benchmark.py --what infer --model resnetv2_50 --batch_size $bs --dtype bfloat16
+  python scripts/benchmark.py --what infer --framework torch --model resnet50 --batch_size $bs --dtype bfloat16
+done
