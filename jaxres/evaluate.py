@@ -106,7 +106,7 @@ def load_member(run: str, checkpoint: str | int = "latest") -> Member:
     checkpointer = ckpt_lib.Checkpointer(ckpt_lib.run_checkpoint_dir(run), read_only=True)
     try:
         step = ckpt_lib.resolve_step(checkpointer, checkpoint)
-        restored = _restore_params(checkpointer, step)
+        restored = checkpointer.restore_params(step)
     finally:
         checkpointer.close()
     use_ema = bool(config.ema_decay) and bool(restored.get("ema_params"))
@@ -116,26 +116,6 @@ def load_member(run: str, checkpoint: str | int = "latest") -> Member:
     }
     check_variables(variables, model, config.dataset.image_size, f"{run} step {step}")
     return Member(run=run, step=step, config=config, model=model, variables=variables)
-
-
-def _restore_params(checkpointer: ckpt_lib.Checkpointer, step: int) -> dict[str, Any]:
-    """`Checkpointer.restore_params`, working around a fresh read-only orbax manager.
-
-    Such a manager has no handler for the "state" item until it has restored it
-    once, so orbax returns no metadata and `restore_params` fails with a
-    TypeError. Restoring the scalar `step` first registers the handler.
-    TODO(lead): drop this once checkpoint.py reads the metadata itself.
-    """
-    import orbax.checkpoint as ocp
-
-    try:
-        return checkpointer.restore_params(step)
-    except TypeError:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        item = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=device)}
-        args = ocp.args.PyTreeRestore(item=item, restore_args={"step": ocp.ArrayRestoreArgs(sharding=device)}, partial_restore=True)
-        checkpointer._manager.restore(step, args=ocp.args.Composite(state=args))
-        return checkpointer.restore_params(step)
 
 
 def check_variables(variables: dict[str, Any], model: nn.Module, image_size: int, where: str) -> None:
@@ -256,7 +236,7 @@ class Ensemble:
         self.image_size = first.dataset.image_size
         self.crop_ratio = first.dataset.eval_crop_ratio
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
-        self.variables = jax.device_put(tuple(m.variables for m in self.members), replicated)
+        self.variables = replicate(tuple(m.variables for m in self.members), self.mesh)
         specs = tuple(ModelSpec.of(m) for m in self.members)
         self.probs_fn = jax.jit(
             functools.partial(_ensemble_probs, specs=specs), in_shardings=(replicated, data), out_shardings=data
@@ -308,6 +288,23 @@ class Ensemble:
             "mean_per_class": float(per_class.mean()),
             "loss": float(total["loss_sum"]) / count,
         }
+
+
+def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host value (the same on every process) as a global array with `sharding`.
+
+    Each process fills its own devices' shards; `jax.device_put` of a committed
+    single-device array onto other hosts' devices is a cross-host transfer that the CPU
+    backend refuses.
+    """
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Host (or single-device) arrays -> a copy on every device of `mesh`, any number of processes."""
+    sharding = parallel.replicated(mesh)
+    return jax.tree.map(lambda x: place(x, sharding), tree)
 
 
 def gather_rows(x: jax.Array) -> np.ndarray:
@@ -371,3 +368,9 @@ def evaluate_runs(
         crops=crops,
         members=[{"run": os.path.abspath(m.run), "step": m.step, "model": m.config.model.name} for m in members],
     )
+
+
+def evaluate_run(run: str, checkpoint: str | int = "latest", **kwargs: Any) -> dict[str, Any]:
+    """`evaluate_runs` for one run; the result also has the checkpoint `step`."""
+    result = evaluate_runs([run], checkpoint=checkpoint, **kwargs)
+    return dict(result, step=result["members"][0]["step"])

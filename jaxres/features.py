@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxres import parallel
 from jaxres.errors import ConfigError, unknown_name
-from jaxres.evaluate import Member, ModelSpec, gather_rows, progress, view_transform
+from jaxres.evaluate import Member, ModelSpec, gather_rows, progress, replicate, view_transform
 from jaxres.data import pipeline
 
 DEFAULT_LAYER = "pre_logits"
@@ -84,7 +84,7 @@ class FeatureExtractor:
         self.transform = view_transform(self.image_size, self.crop_ratio, views)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
-        self.variables = jax.device_put(member.variables, replicated)
+        self.variables = replicate(member.variables, self.mesh)
         fn = functools.partial(_features, spec=ModelSpec.of(member), layer=layer, pool=pool)
         self.fn = jax.jit(fn, in_shardings=(replicated, data), out_shardings=data)
 

@@ -369,30 +369,26 @@ def confusion_image(labels: np.ndarray, predictions: np.ndarray, names: Sequence
     return image
 
 
-def demo_probe(
-    workdir: str, data_dir: str | None = None, checkpoint: str = "best", methods: Sequence[str] = ("logistic", "ridge")
-) -> list[dict[str, Any]]:
-    """Linear probes on a run's pre_logits features: fit on its train split, score on its val split.
+def demo_probe(workdir: str, data_dir: str | None = None, checkpoint: str = "best", method: str = "logistic") -> dict[str, Any]:
+    """A linear probe on a run's pre_logits features: fit on its train split, score on its val split.
 
-    For `make demo`'s results table (the digits demo: under 30 s on 2 cores, features
-    cached in `workdir/features`).
+    For `make demo`'s results table (the digits demo: under 30 s on 2 cores; features
+    cached in `workdir/features`, so a second call skips the forward passes).
 
     Returns:
-      One row per probe: probe, top1, mean_per_class, l2, train, test, seconds.
+      One row: what, top1, mean_per_class, count (val images), train, l2, l2_source.
     """
     config = base_transfer_config()
-    config.model.checkpoint, config.model.step = workdir, checkpoint
-    member_config = evaluate.run_config(workdir)
-    config.dataset = member_config.dataset
+    config.dataset = evaluate.run_config(workdir).dataset
     if data_dir:
         config.dataset.data_dir = data_dir
     config.protocol.train_split, config.protocol.test_split = config.dataset.train_split, config.dataset.val_split
     member = evaluate.load_member(workdir, checkpoint)
     extractor = features.FeatureExtractor(member)
     (train_x, train_y), (test_x, test_y), names = load_data(config, extractor, os.path.join(workdir, "features"))
-    mesh = parallel.make_mesh()
-    rows = []
-    for method in methods:
-        row, _ = fit_and_score(method, config.probe, 0, (train_x, train_y), (test_x, test_y), len(names), mesh)
-        rows.append(dict(probe=method, train=len(train_y), test=len(test_y), **row))
-    return rows
+    row, _ = fit_and_score(method, config.probe, 0, (train_x, train_y), (test_x, test_y), len(names), parallel.make_mesh())
+    return {
+        "what": f"linear probe ({method}, pre_logits, {len(train_y)} train)",
+        "top1": row["top1"], "mean_per_class": row["mean_per_class"], "count": len(test_y),
+        "train": len(train_y), "l2": row["l2"], "l2_source": row["l2_source"],
+    }

@@ -46,6 +46,45 @@ def test_ridge_sweep_equals_separate_solves(n_per_class, dim):
         np.testing.assert_allclose(np.asarray(path["b"][i]), b, atol=2e-3)
 
 
+def test_ridge_refit_solve_equals_the_path():
+    x, y = blobs(20)
+    mask = np.ones(len(y), np.float32)
+    path = probe.ridge_path(x, y, mask, np.array([0.3], np.float32), num_classes=6)
+    solved = probe.ridge_solve(x, y, mask, np.float32(0.3), num_classes=6)
+    np.testing.assert_allclose(np.asarray(solved["w"]), np.asarray(path["w"][0]), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(solved["b"]), np.asarray(path["b"][0]), atol=1e-4)
+
+
+def test_logistic_warm_started_sweep_equals_separate_fits():
+    # The penalty switch shifts the L-BFGS memory (y_k += (l' - l) P s_k); fits must not depend on it.
+    x, y = blobs(20)
+    mask = np.ones(len(y), np.float32)
+    hold = probe.class_balanced_holdout(y, mask, 0.25, 0).astype(np.float32)
+    mu, sigma = probe._standardise_stats(x, mask)
+    start = np.zeros((x.shape[1] + 1, 6), np.float32)
+
+    def path(l2s, fit=mask - hold, held=hold):
+        return probe.logistic_path(x, y, fit, held, mu, sigma, np.asarray(l2s, np.float32), start, np.float32(1e-6),
+                                   num_classes=6, max_iter=1000)
+
+    l2s = [1.0, 1e-1, 1e-2]
+    swept = path(l2s)
+    def centred(theta):  # Softmax ignores a constant added to every class's bias: compare without it.
+        theta = np.asarray(theta)
+        return np.concatenate([theta[:-1], theta[-1:] - theta[-1].mean()])
+
+    for i, l2 in enumerate(l2s):
+        alone = path([l2])
+        np.testing.assert_allclose(centred(swept["theta"][i]), centred(alone["theta"][0]), atol=2e-4)
+        assert float(swept["holdout_top1"][i]) == pytest.approx(float(alone["holdout_top1"][0]))
+    best = int(swept["best"])
+    assert swept["holdout_top1"][best] == max(swept["holdout_top1"])
+    # The refit (all rows, from the sweep's solution) equals a cold fit on all rows.
+    cold = path([l2s[best]], fit=mask, held=np.zeros_like(mask))["final"]
+    assert float(swept["final"]["grad_max"]) <= 1e-6
+    np.testing.assert_allclose(centred(swept["final"]["theta"]), centred(cold["theta"]), atol=2e-4)
+
+
 def test_ridge_agrees_with_sklearn_ridge_classifier():
     x, y = blobs(30)
     x_test, y_test = blobs(40, seed=1)
