@@ -9,9 +9,10 @@ updates are zero and its optimizer state untouched); then every layer trains,
 the body with its own warmup + cosine over the remaining steps.
 
 Arg "digits" (default): the demo model (runs/demo, configs/demo.py) fine-tuned
-with a fresh head on 200 digit images, base LR 10x below the demo's; 45 steps,
-15 head-only. About 2 min on 2 CPU cores; expected val top-1 >= 0.95 (the
-features already separate digits: see the demo's linear probe).
+with a fresh head on 200 digit images, base LR 4x below the demo's; 45 steps,
+15 head-only. About 2.5 min on 2 CPU cores; measured val top-1 0.978 (0.969
+after the head-only phase; the features already separate digits, see the
+demo's linear probe).
 Arg "r50": a ResNetV2-50 run (e.g. ImageNet, configs/imagenet_resnetv2.py:50)
 fine-tuned on another dataset at 224x224; set the dataset, e.g.
     --config.dataset.name=indoor67 --config.dataset.data_dir=/data/tfds
@@ -40,7 +41,7 @@ def get_config(arg: str = "digits"):
         c.init_from = "runs/demo"
         c.dataset.train_limit = 200  # Few labels: where starting from a trained model pays.
         c.num_epochs = 15  # 3 steps per epoch of 64 -> 45 steps.
-        c.optimizer.base_lr = 0.04  # 10x below the demo's 0.4.
+        c.optimizer.base_lr = 0.1  # 4x below the demo's 0.4.
         c.optimizer.warmup_epochs = 1.0
         c.optimizer.head_only_steps = 15
         c.eval_every_epochs = 5

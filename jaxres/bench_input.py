@@ -224,12 +224,16 @@ def _pin_to_one_cpu() -> None:
 def _grain_rate(batches: Iterable, batch_size: int, num_batches: int) -> float:
     """Steady-state images/s: worker start-up and the batches buffered meanwhile are not counted."""
     it = iter(batches)
-    for _ in range(GRAIN_SKIPPED_BATCHES):
-        next(it)
-    start = time.perf_counter()
-    for _ in range(num_batches):
-        next(it)
-    return num_batches * batch_size / (time.perf_counter() - start)
+    try:
+        for _ in range(GRAIN_SKIPPED_BATCHES):
+            next(it)
+        start = time.perf_counter()
+        for _ in range(num_batches):
+            next(it)
+        return num_batches * batch_size / (time.perf_counter() - start)
+    finally:
+        if hasattr(it, "close"):  # Stop the worker processes now, not at interpreter exit.
+            it.close()
 
 
 class _Repeated:

@@ -1,7 +1,7 @@
 """Benchmarks of the linear probes and of feature extraction (results: benchmarks/probe.md).
 
-    python scripts/benchmark_probe.py --what probe      # (scripts/benchmark.py --what probe)
-    python scripts/benchmark_probe.py --what features
+    python scripts/benchmark.py --what probe
+    python scripts/benchmark.py --what features --model resnet50 --batch_size 32 --steps 5 --warmup 2
 
 `run_probe_benchmark`: a seeded, class-structured synthetic feature matrix of
 Caltech-101 shape (102 classes x 30 train images, 2,048 features; 50 test
@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,12 @@ CALTECH101_SHAPE = {"num_classes": 102, "dim": 2048, "train_per_class": 30, "tes
 
 
 def synthetic_features(
-    num_classes: int, per_class: int, dim: int, seed: int = 0, latent: int = 128, spread: float = 3.0
+    num_classes: int,
+    per_class: int,
+    dim: int,
+    seed: int = 0,
+    latent: int = 128,
+    spread: float = 3.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class-structured, ReLU'd features like pooled CNN ones, seeded.
 
@@ -55,7 +61,8 @@ def synthetic_features(
 
 def machine_load() -> str:
     """The 1 / 5 / 15-minute load averages (other jobs on the CPU skew timings)."""
-    return "load average %.2f, %.2f, %.2f" % os.getloadavg()
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -102,18 +109,35 @@ def single_fit_comparison(data: dict, l2: float, tol: float, repeats: int) -> di
     # Two [N, D + 1] x [D + 1, C] matmuls per iteration, two more to start (and two for the
     # refit's start, which finds the fit converged).
     iterations = sum(ours.iterations_)
-    flop_bound = (iterations + 2) * 2 * (2 * x.shape[0] * (x.shape[1] + 1) * data["num_classes"]) / data["flops"]
+    flop_bound = (
+        (iterations + 2)
+        * 2
+        * (2 * x.shape[0] * (x.shape[1] + 1) * data["num_classes"])
+        / data["flops"]
+    )
     return {
-        "l2": l2, "tol": tol,
-        "ours_logistic": {"seconds": warm, "seconds_with_compile": cold, "iterations": iterations,
-                          "top1": ours.score(xt, yt)["top1"], "flop_bound_seconds": flop_bound},
-        "sklearn_logistic": {"seconds": sk_time, "iterations": int(sk.n_iter_[0]), "top1": float(sk.score(xts, yt))},
+        "l2": l2,
+        "tol": tol,
+        "ours_logistic": {
+            "seconds": warm,
+            "seconds_with_compile": cold,
+            "iterations": iterations,
+            "top1": ours.score(xt, yt)["top1"],
+            "flop_bound_seconds": flop_bound,
+        },
+        "sklearn_logistic": {
+            "seconds": sk_time,
+            "iterations": int(sk.n_iter_[0]),
+            "top1": float(sk.score(xts, yt)),
+        },
         "ours_ridge": {"seconds": ridge_time, "top1": ridge.score(xt, yt)["top1"]},
         "sklearn_ridge": {"seconds": skr_time, "top1": float(skr.score(xt, yt))},
     }
 
 
-def _sklearn_probe(method: str, x, y, xt, yt, l2s, holdout_mask, tol, warm: bool = True) -> dict[str, float]:
+def _sklearn_probe(
+    method: str, x, y, xt, yt, l2s, holdout_mask, tol, warm: bool = True
+) -> dict[str, float]:
     """scikit-learn doing what our probe does: sweep on the held-out part, refit, score.
 
     `warm`: logistic fits start from the previous penalty's solution (as ours do); False is
@@ -136,14 +160,23 @@ def _sklearn_probe(method: str, x, y, xt, yt, l2s, holdout_mask, tol, warm: bool
     else:
         xc = x[fit] - x[fit].mean(0)
         scale = np.sum(xc.astype(np.float64) ** 2) / x.shape[1]
-        accs = {a: RidgeClassifier(alpha=a * scale).fit(x[fit], y[fit]).score(x[holdout_mask], y[holdout_mask]) for a in l2s}
+        accs = {
+            a: RidgeClassifier(alpha=a * scale)
+            .fit(x[fit], y[fit])
+            .score(x[holdout_mask], y[holdout_mask])
+            for a in l2s
+        }
         best = max(l2s, key=lambda v: (accs[v], -l2s.index(v)))
         xa = x - x.mean(0)
-        model = RidgeClassifier(alpha=best * np.sum(xa.astype(np.float64) ** 2) / x.shape[1]).fit(x, y)
+        model = RidgeClassifier(alpha=best * np.sum(xa.astype(np.float64) ** 2) / x.shape[1]).fit(
+            x, y
+        )
     return {"top1": float(model.score(xt, yt)), "l2": best}
 
 
-def protocol_sweep(pool: tuple[np.ndarray, np.ndarray], method: str, backend: str, tol: float) -> dict[str, Any]:
+def protocol_sweep(
+    pool: tuple[np.ndarray, np.ndarray], method: str, backend: str, tol: float
+) -> dict[str, Any]:
     """The Caltech-101 protocol (N = 15, 30 x 5 trials x L2 sweep), `backend` "ours", "sklearn"
     (warm-started along the sweep) or "sklearn_cold"."""
     x, y = pool
@@ -157,14 +190,30 @@ def protocol_sweep(pool: tuple[np.ndarray, np.ndarray], method: str, backend: st
     for trial in trials:
         train, test = (x[trial.train], y[trial.train]), (x[trial.test], y[trial.test])
         if backend == "ours":
-            row, _ = protocols.fit_and_score(method, config, trial.seed, train, test, len(names), mesh)
+            row, _ = protocols.fit_and_score(
+                method, config, trial.seed, train, test, len(names), mesh
+            )
         else:
-            hold = probe.class_balanced_holdout(train[1], np.ones(len(train[1])), config.holdout, trial.seed)
+            hold = probe.class_balanced_holdout(
+                train[1], np.ones(len(train[1])), config.holdout, trial.seed
+            )
             row = _sklearn_probe(method, *train, *test, l2s, hold, tol, warm=backend == "sklearn")
-        rows.append({"per_class": trial.per_class, "trial": trial.trial, "top1": row["top1"], "l2": row["l2"]})
+        rows.append(
+            {
+                "per_class": trial.per_class,
+                "trial": trial.trial,
+                "top1": row["top1"],
+                "l2": row["l2"],
+            }
+        )
     seconds = time.perf_counter() - start
     means = {n: float(np.mean([r["top1"] for r in rows if r["per_class"] == n])) for n in (15, 30)}
-    return {"seconds": seconds, "fits": len(trials) * (len(l2s) + 1), "top1_mean": means, "trials": rows}
+    return {
+        "seconds": seconds,
+        "fits": len(trials) * (len(l2s) + 1),
+        "top1_mean": means,
+        "trials": rows,
+    }
 
 
 def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> dict[str, Any]:
@@ -186,13 +235,29 @@ def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> 
         "test": synthetic_features(c, shape["test_per_class"], d, seed),
     }
     data["flops"] = matmul_flops(c * shape["train_per_class"], d, c)
-    out = {"shape": shape, "devices": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(),
-           "load_before": machine_load(), "matmul_gflops": data["flops"] / 1e9}
-    out["single_fit"] = [single_fit_comparison(data, l2, tol, repeats) for l2, tol in ((1e-3, 1e-4), (1e-3, 1e-6))]
+    out = {
+        "shape": shape,
+        "devices": str(jax.devices()[0].device_kind),
+        "cpus": os.cpu_count(),
+        "load_before": machine_load(),
+        "matmul_gflops": data["flops"] / 1e9,
+    }
+    out["single_fit"] = [
+        single_fit_comparison(data, l2, tol, repeats) for l2, tol in ((1e-3, 1e-4), (1e-3, 1e-6))
+    ]
     if sweep:
-        pool = synthetic_features(c, 80, d, seed)  # 30 train + 50 test per class, re-drawn per trial.
-        runs = [("logistic", "ours"), ("logistic", "ours"), ("logistic", "sklearn"), ("logistic", "sklearn_cold"),
-                ("ridge", "ours"), ("ridge", "ours"), ("ridge", "sklearn")]
+        pool = synthetic_features(
+            c, 80, d, seed
+        )  # 30 train + 50 test per class, re-drawn per trial.
+        runs = [
+            ("logistic", "ours"),
+            ("logistic", "ours"),
+            ("logistic", "sklearn"),
+            ("logistic", "sklearn_cold"),
+            ("ridge", "ours"),
+            ("ridge", "ours"),
+            ("ridge", "sklearn"),
+        ]
         out["sweep"] = {}
         for m, b in runs:  # The second "ours" run finds its functions compiled.
             key = f"{m}/{b}" + ("_compiled" if f"{m}/{b}" in out["sweep"] else "")
@@ -219,10 +284,14 @@ def jax_features_speed(model_name: str, batch: int, size: int, steps: int, warmu
     from jaxres.evaluate import ModelSpec
 
     model = models.create_model(model_name, num_classes=1000, dtype="float32")
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), jnp.zeros((1, size, size, 3))
+    )
     spec = ModelSpec(model, (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
     fn = jax.jit(lambda v, x: spec.apply(v, x)[1]["pre_logits"])
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8))
+    images = jnp.asarray(
+        np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
+    )
     return _time_batches(lambda: fn(variables, images).block_until_ready(), batch, steps, warmup)
 
 
@@ -246,22 +315,36 @@ def keras_features_speed(batch: int, size: int, steps: int, warmup: int) -> floa
     import keras
 
     if keras.backend.backend() != "jax":
-        raise RuntimeError(f"Keras was imported with the {keras.backend.backend()} backend; run in a fresh process.")
-    model = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3))
+        raise RuntimeError(
+            f"Keras was imported with the {keras.backend.backend()} backend; run in a fresh process."
+        )
+    model = keras.applications.ResNet50(
+        weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3)
+    )
     x = np.random.default_rng(0).random((batch, size, size, 3), np.float32)
     return _time_batches(lambda: model.predict_on_batch(x), batch, steps, warmup)
 
 
 def run_feature_benchmark(
-    model: str = "resnet50", batch_size: int = 32, image_size: int = 224, steps: int = 5, warmup: int = 2
+    model: str = "resnet50",
+    batch_size: int = 32,
+    image_size: int = 224,
+    steps: int = 5,
+    warmup: int = 2,
 ) -> dict[str, Any]:
     """ResNet-50 feature extraction img/s: jaxres vs torchvision vs Keras 3 (JAX backend), one process.
 
     A framework that is not installed gets a note instead of a number.
     """
     threads = os.cpu_count() or 1
-    out = {"model": model, "batch_size": batch_size, "image_size": image_size, "steps": steps,
-           "threads": threads, "load_before": machine_load()}
+    out = {
+        "model": model,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "steps": steps,
+        "threads": threads,
+        "load_before": machine_load(),
+    }
     runs = {
         "jaxres": lambda: jax_features_speed(model, batch_size, image_size, steps, warmup),
         "torchvision": lambda: torch_features_speed(batch_size, image_size, steps, warmup, threads),
@@ -271,6 +354,8 @@ def run_feature_benchmark(
         try:
             out[name] = {"img_per_sec": run()}
         except ImportError as e:
-            out[name] = {"skipped": f"not installed ({e.name}); pip install torch==2.14.1 torchvision==0.29.1 keras"}
+            out[name] = {
+                "skipped": f"not installed ({e.name}); pip install torch==2.14.1 torchvision==0.29.1 keras"
+            }
     out["load_after"] = machine_load()
     return out

@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.decay_epochs = (30, 60, 80)  # For schedule="step".
     c.optimizer.decay_factor = 0.1
     c.optimizer.grad_clip_norm = 0.0  # 0 = off.
+    # Fine-tuning: only the head trains for this many steps, then every layer (0 = off).
+    c.optimizer.head_only_steps = 0
 
     c.ema_decay = 0.0  # EMA of params (0 = off); when on, evaluation uses the EMA.
 
@@ -65,4 +67,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_latest = 2
     c.keep_best = 1
     c.init_from = ""  # Another run's workdir: start from its params (fine-tuning).
+    c.init_fresh_head = False  # With init_from: a new head even when its shape matches.
     return c

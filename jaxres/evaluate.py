@@ -25,7 +25,8 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -77,7 +78,9 @@ def run_config(run: str) -> ml_collections.ConfigDict:
         try:
             saved = json.load(f)
         except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the run's checkpoint meta.") from None
+            raise CheckpointError(
+                f"{path} is not valid JSON ({e}); restore it from the run's checkpoint meta."
+            ) from None
     config = base_config()
     config.update(ml_collections.ConfigDict(saved))
     return config
@@ -118,14 +121,14 @@ def load_member(run: str, checkpoint: str | int = "latest") -> Member:
     return Member(run=run, step=step, config=config, model=model, variables=variables)
 
 
-def check_variables(variables: dict[str, Any], model: nn.Module, image_size: int, where: str) -> None:
+def check_variables(
+    variables: dict[str, Any], model: nn.Module, image_size: int, where: str
+) -> None:
     """Raises CheckpointError naming the first weight whose shape differs from `model`'s."""
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
     want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected), sep="/")
-    got = flax.traverse_util.flatten_dict(
-        {k: v for k, v in variables.items() if v}, sep="/"
-    )
+    got = flax.traverse_util.flatten_dict({k: v for k, v in variables.items() if v}, sep="/")
     for key in sorted(set(want) | set(got)):
         a = tuple(got[key].shape) if key in got else "missing"
         b = tuple(want[key].shape) if key in want else "absent"
@@ -159,7 +162,9 @@ class CentreAndMirror:
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         example = self.centre(record)
-        example["image"] = np.stack([example["image"], np.ascontiguousarray(example["image"][:, ::-1])])
+        example["image"] = np.stack(
+            [example["image"], np.ascontiguousarray(example["image"][:, ::-1])]
+        )
         return example
 
 
@@ -173,9 +178,13 @@ class ModelSpec:
 
     @classmethod
     def of(cls, member: Member) -> ModelSpec:
-        return cls(member.model, tuple(member.config.dataset.mean), tuple(member.config.dataset.std))
+        return cls(
+            member.model, tuple(member.config.dataset.mean), tuple(member.config.dataset.std)
+        )
 
-    def apply(self, variables: dict[str, Any], images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array], int]:
+    def apply(
+        self, variables: dict[str, Any], images: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array], int]:
         """uint8 views [B, K, H, W, 3] (or [B, H, W, 3]) -> (logits, features) of all B * K views, and K."""
         from jaxres.train import normalize  # Lazy: train pulls in the whole trainer.
 
@@ -194,12 +203,16 @@ def member_probs(spec: ModelSpec, variables: dict[str, Any], images: jax.Array) 
     return probs.reshape(-1, k, probs.shape[-1]).mean(axis=1)
 
 
-def _ensemble_probs(variables: tuple, images: jax.Array, *, specs: tuple[ModelSpec, ...]) -> jax.Array:
+def _ensemble_probs(
+    variables: tuple, images: jax.Array, *, specs: tuple[ModelSpec, ...]
+) -> jax.Array:
     probs = [member_probs(s, v, images) for s, v in zip(specs, variables)]
     return sum(probs) / len(probs)
 
 
-def _eval_sums(variables: tuple, batch: dict[str, jax.Array], *, specs: tuple[ModelSpec, ...], num_classes: int) -> dict:
+def _eval_sums(
+    variables: tuple, batch: dict[str, jax.Array], *, specs: tuple[ModelSpec, ...], num_classes: int
+) -> dict:
     """Masked sums over a batch, from the averaged probabilities (so loss = ensemble NLL)."""
     probs = _ensemble_probs(variables, batch["image"], specs=specs)
     labels, mask = batch["label"], batch["mask"]
@@ -239,7 +252,9 @@ class Ensemble:
         self.variables = replicate(tuple(m.variables for m in self.members), self.mesh)
         specs = tuple(ModelSpec.of(m) for m in self.members)
         self.probs_fn = jax.jit(
-            functools.partial(_ensemble_probs, specs=specs), in_shardings=(replicated, data), out_shardings=data
+            functools.partial(_ensemble_probs, specs=specs),
+            in_shardings=(replicated, data),
+            out_shardings=data,
         )
         self.sums_fn = jax.jit(
             functools.partial(_eval_sums, specs=specs, num_classes=self.num_classes),
@@ -261,7 +276,9 @@ class Ensemble:
         num = pipeline.num_eval_batches(len(source), batch_size)
         return num, (b for _, b in zip(range(num), parallel.prefetch_to_device(batches, self.mesh)))
 
-    def probabilities(self, source: Any, views: str = "center", batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    def probabilities(
+        self, source: Any, views: str = "center", batch_size: int = 64
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per-example probabilities [N, C] and masks [N] (0: undecodable), in source order."""
         num, batches = self.batches(source, views, batch_size)
         probs, masks = [], []
@@ -270,7 +287,9 @@ class Ensemble:
             masks.append(gather_rows(batch["mask"]))
         return np.concatenate(probs)[: len(source)], np.concatenate(masks)[: len(source)]
 
-    def evaluate(self, source: Any, views: str = "center", batch_size: int = 64, num_workers: int = 0) -> dict[str, Any]:
+    def evaluate(
+        self, source: Any, views: str = "center", batch_size: int = 64, num_workers: int = 0
+    ) -> dict[str, Any]:
         """top-1, top-5, mean per-class accuracy and loss over every example of `source`."""
         num, batches = self.batches(source, views, batch_size, num_workers)
         total = None
@@ -366,7 +385,10 @@ def evaluate_runs(
         split=split,
         dataset=dataset.name,
         crops=crops,
-        members=[{"run": os.path.abspath(m.run), "step": m.step, "model": m.config.model.name} for m in members],
+        members=[
+            {"run": os.path.abspath(m.run), "step": m.step, "model": m.config.model.name}
+            for m in members
+        ],
     )
 
 

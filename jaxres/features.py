@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxres import parallel
+from jaxres.data import pipeline
 from jaxres.errors import ConfigError, unknown_name
 from jaxres.evaluate import Member, ModelSpec, gather_rows, progress, replicate, view_transform
-from jaxres.data import pipeline
 
 DEFAULT_LAYER = "pre_logits"
 CACHE_FORMAT = 1
@@ -41,7 +41,9 @@ def layer_names(member: Member) -> list[str]:
     """The layer names `member`'s model returns features for."""
     size = member.config.dataset.image_size
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    _, features = jax.eval_shape(functools.partial(member.model.apply, train=False), member.variables, x)
+    _, features = jax.eval_shape(
+        functools.partial(member.model.apply, train=False), member.variables, x
+    )
     return list(features)
 
 
@@ -108,7 +110,9 @@ class FeatureExtractor:
             },
         }
 
-    def extract(self, source: Any, batch_size: int, on_rows=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def extract(
+        self, source: Any, batch_size: int, on_rows=None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(features [N, ...], labels [N], mask [N]) of every example of `source`, in order.
 
         Args:
@@ -118,14 +122,20 @@ class FeatureExtractor:
         """
         parallel.check_batch_size(batch_size, self.mesh, "features.batch_size")
         batches = pipeline.eval_batches(
-            source, self.transform, global_batch_size=batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            source,
+            self.transform,
+            global_batch_size=batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
         num = pipeline.num_eval_batches(len(source), batch_size)
         device_batches = parallel.prefetch_to_device(batches, self.mesh)
         parts, remaining = [], len(source)
         for _, batch in progress(zip(range(num), device_batches), num, f"features {self.layer}"):
-            rows = [gather_rows(a) for a in (self.fn(self.variables, batch["image"]), batch["label"], batch["mask"])]
+            rows = [
+                gather_rows(a)
+                for a in (self.fn(self.variables, batch["image"]), batch["label"], batch["mask"])
+            ]
             rows = [r[:remaining] for r in rows]  # The last batch's padding.
             remaining -= len(rows[0])
             if on_rows is not None:
@@ -137,7 +147,9 @@ class FeatureExtractor:
 def weights_digest(variables: Any) -> str:
     """A short content hash of the weights: a re-trained run in the same directory is new."""
     digest = hashlib.sha1()
-    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(variables), key=lambda p: jax.tree_util.keystr(p[0])):
+    for path, leaf in sorted(
+        jax.tree_util.tree_leaves_with_path(variables), key=lambda p: jax.tree_util.keystr(p[0])
+    ):
         digest.update(jax.tree_util.keystr(path).encode())
         digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return digest.hexdigest()[:16]
@@ -169,9 +181,14 @@ def cached_features(
     Returns:
       (features, labels, mask): mask 0 marks undecodable images.
     """
-    description = dict(extractor.description(), dataset=dataset, count=len(source), format=CACHE_FORMAT)
+    description = dict(
+        extractor.description(), dataset=dataset, count=len(source), format=CACHE_FORMAT
+    )
     key = cache_key(description)
-    directory = os.path.join(cache_dir, f"{dataset.get('name', 'data')}-{dataset.get('split', '')}-{extractor.layer}-{key}")
+    directory = os.path.join(
+        cache_dir,
+        f"{dataset.get('name', 'data')}-{dataset.get('split', '')}-{extractor.layer}-{key}",
+    )
     if os.path.isfile(os.path.join(directory, "metadata.json")):
         return load_cache(directory)
     writer = _ChunkWriter(directory, chunk_rows) if jax.process_index() == 0 else None
@@ -187,7 +204,11 @@ def load_cache(directory: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         meta = json.load(f)
     chunks = [np.load(os.path.join(directory, name)) for name in meta["chunks"]]
     features = np.concatenate(chunks) if chunks else np.zeros([0] + meta["dim"], np.float32)
-    return features, np.load(os.path.join(directory, "labels.npy")), np.load(os.path.join(directory, "mask.npy"))
+    return (
+        features,
+        np.load(os.path.join(directory, "labels.npy")),
+        np.load(os.path.join(directory, "mask.npy")),
+    )
 
 
 class _ChunkWriter:

@@ -4,13 +4,19 @@ SGD with Nesterov momentum (Goyal et al. 2017 recipe): base LR per 256 images
 scaled linearly with the global batch, linear warmup, then cosine or step
 decay; L2 weight decay on conv / dense kernels only (not on norms or biases),
 added to the gradient before momentum as torch's SGD does.
+
+Fine-tuning (`optimizer.head_only_steps = K`): for the first K steps only the
+classifier head trains; the other parameters get zero updates and their
+optimizer state (momentum, step count) stays untouched, so from step K they
+start fresh, with their own schedule (warmup included) over the remaining steps.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -75,3 +81,46 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
     if opt.grad_clip_norm:
         chain.insert(0, optax.clip_by_global_norm(opt.grad_clip_norm))
     return optax.chain(*chain)
+
+
+class FrozenState(NamedTuple):
+    """`frozen_for`'s state: steps seen (saturating at the frozen count) and the inner state."""
+
+    count: jax.Array
+    inner: Any
+
+
+def frozen_for(inner: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+    """`inner`, except that the first `steps` updates are zero and leave `inner`'s state as is."""
+
+    def init(params):
+        return FrozenState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        def frozen():
+            return jax.tree.map(jnp.zeros_like, updates), state.inner
+
+        def live():
+            return inner.update(updates, state.inner, params)
+
+        new_updates, new_inner = jax.lax.cond(state.count < steps, frozen, live)
+        return new_updates, FrozenState(jnp.minimum(state.count + 1, steps), new_inner)
+
+    return optax.GradientTransformation(init, update)
+
+
+def head_labels(params: Any) -> Any:
+    """"head" for the classifier head's parameters, "body" for the others."""
+
+    def label(path, _):
+        return "head" if any(getattr(k, "key", None) == "head" for k in path) else "body"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def head_only_warmup(
+    head_tx: optax.GradientTransformation, body_tx: optax.GradientTransformation, steps: int
+) -> optax.GradientTransformation:
+    """The head trains with `head_tx` from step 0; the body is frozen for `steps` steps, then
+    trains with `body_tx` (whose schedule then starts at its step 0)."""
+    return optax.multi_transform({"head": head_tx, "body": frozen_for(body_tx, steps)}, head_labels)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,13 +58,17 @@ def image_paths(inputs: Sequence[str]) -> list[str]:
     for item in inputs:
         p = Path(os.path.expanduser(item))
         if p.is_dir():
-            paths += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in sources.IMAGE_EXTENSIONS)
+            paths += sorted(
+                str(f) for f in p.rglob("*") if f.suffix.lower() in sources.IMAGE_EXTENSIONS
+            )
         elif p.is_file():
             paths.append(str(p))
         else:
             raise DataError(f"{item!r} is neither an image file nor a folder; check the path.")
     if not paths:
-        raise DataError(f"No images ({', '.join(sources.IMAGE_EXTENSIONS)}) in {', '.join(inputs)}.")
+        raise DataError(
+            f"No images ({', '.join(sources.IMAGE_EXTENSIONS)}) in {', '.join(inputs)}."
+        )
     return paths
 
 
@@ -76,7 +81,13 @@ def class_names_of(config: Any) -> list[str]:
         return [str(i) for i in range(config.dataset.num_classes)]
 
 
-def predict(run: str, inputs: Sequence[str], top_k: int = 5, checkpoint: str | int = "latest", batch_size: int = 0) -> list[Prediction]:
+def predict(
+    run: str,
+    inputs: Sequence[str],
+    top_k: int = 5,
+    checkpoint: str | int = "latest",
+    batch_size: int = 0,
+) -> list[Prediction]:
     """Top-k class names and probabilities for every image in `inputs` (files or folders).
 
     Args:
@@ -96,7 +107,14 @@ def predict(run: str, inputs: Sequence[str], top_k: int = 5, checkpoint: str | i
     out = []
     for path, label, p, ok in zip(source.paths, source.labels, probs, masks):
         order = np.argsort(-p)[:top_k]
-        out.append(Prediction(path, [(names[i], float(p[i])) for i in order], names[label] if label >= 0 else None, bool(ok)))
+        out.append(
+            Prediction(
+                path,
+                [(names[i], float(p[i])) for i in order],
+                names[label] if label >= 0 else None,
+                bool(ok),
+            )
+        )
     return out
 
 
@@ -112,7 +130,9 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
     return "\n".join(lines)
 
 
-def draw_grid(predictions: Sequence[Prediction], output: str, thumb: int = 128, columns: int = 8) -> None:
+def draw_grid(
+    predictions: Sequence[Prediction], output: str, thumb: int = 128, columns: int = 8
+) -> None:
     """Saves a grid of the images, each with its predicted (and, when known, true) label.
 
     Green: the prediction equals the true label; red: it does not; black: no true label.
@@ -129,7 +149,10 @@ def draw_grid(predictions: Sequence[Prediction], output: str, thumb: int = 128, 
             with Image.open(p.path) as im:
                 im = im.convert("RGB")
                 scale = thumb / max(im.size)  # Up or down: 32x32 digits become readable.
-                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BICUBIC)
+                im = im.resize(
+                    (max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                    Image.Resampling.BICUBIC,
+                )
                 grid.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
         except OSError:
             pass

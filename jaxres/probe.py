@@ -20,21 +20,23 @@ nothing can be held out and `fallback_l2` is used.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxres import parallel
 from jaxres.errors import ConfigError
 from jaxres.evaluate import gather_rows, place
 
 # Relative ridge penalties (multiples of the mean eigenvalue of the centred Gram matrix).
-RIDGE_L2S = tuple(10.0 ** e for e in np.arange(-4.0, 2.01, 0.5))
+RIDGE_L2S = tuple(10.0**e for e in np.arange(-4.0, 2.01, 0.5))
 # Logistic penalties on the mean cross-entropy of standardised features.
-LOGISTIC_L2S = tuple(10.0 ** e for e in np.arange(0.0, -4.01, -0.5))
+LOGISTIC_L2S = tuple(10.0**e for e in np.arange(0.0, -4.01, -0.5))
 
 
 def shard_rows(x: Any, mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, jax.Array]:
@@ -60,14 +62,18 @@ def shard_rows(x: Any, mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array
 def pad_like(values: Any, x: jax.Array) -> jax.Array:
     """Host per-row values (labels, masks), zero-padded to `x`'s rows and placed like them."""
     values = np.asarray(values)
-    values = np.concatenate([values, np.zeros((x.shape[0] - len(values),) + values.shape[1:], values.dtype)])
+    values = np.concatenate(
+        [values, np.zeros((x.shape[0] - len(values),) + values.shape[1:], values.dtype)]
+    )
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding) and len(sharding.spec) > 0:
         return place(values, NamedSharding(sharding.mesh, P(sharding.spec[0])))
     return jnp.asarray(values)
 
 
-def class_balanced_holdout(labels: np.ndarray, mask: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def class_balanced_holdout(
+    labels: np.ndarray, mask: np.ndarray, fraction: float, seed: int
+) -> np.ndarray:
     """Boolean [N]: `round(fraction * n_c)` (at least 1) examples of each class with n_c >= 2, seeded."""
     rng = np.random.default_rng(seed)
     hold = np.zeros(len(labels), bool)
@@ -76,13 +82,15 @@ def class_balanced_holdout(labels: np.ndarray, mask: np.ndarray, fraction: float
         idx = np.flatnonzero((labels == c) & valid)
         if len(idx) < 2 or fraction <= 0:
             continue
-        k = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
         hold[rng.choice(idx, k, replace=False)] = True
     return hold
 
 
 @functools.partial(jax.jit, static_argnames="num_classes")
-def accuracy(scores: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int) -> dict[str, jax.Array]:
+def accuracy(
+    scores: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int
+) -> dict[str, jax.Array]:
     """Masked top-1 and mean per-class accuracy (over classes present in the mask)."""
     correct = (scores.argmax(-1) == labels) * mask
     in_class = jax.nn.one_hot(labels, num_classes) * mask[:, None]
@@ -109,10 +117,18 @@ class LinearProbe:
     name = "linear"
     default_l2s: tuple[float, ...] = ()
 
-    def __init__(self, l2s: Sequence[float] | None = None, holdout: float = 0.2, fallback_l2: float | None = None, seed: int = 0):
+    def __init__(
+        self,
+        l2s: Sequence[float] | None = None,
+        holdout: float = 0.2,
+        fallback_l2: float | None = None,
+        seed: int = 0,
+    ):
         self.l2s = tuple(float(v) for v in (l2s if l2s is not None else self.default_l2s))
         if not self.l2s or min(self.l2s) <= 0:
-            raise ConfigError(f"{self.name} probe: the L2 sweep must be positive values, got {self.l2s}.")
+            raise ConfigError(
+                f"{self.name} probe: the L2 sweep must be positive values, got {self.l2s}."
+            )
         self.holdout = holdout
         self.fallback_l2 = fallback_l2 if fallback_l2 is not None else self.l2s[len(self.l2s) // 2]
         self.seed = seed
@@ -136,10 +152,12 @@ class LinearProbe:
             accs = np.asarray(self._sweep(x, labels, weights - hold_mask, hold_mask))
             self.sweep_ = dict(zip(self.l2s, accs.tolist()))
             best = max(self.sweep_.values())
-            self.l2_ = max(l2 for l2, acc in self.sweep_.items() if acc == best)  # Ties: the strongest.
+            # Ties: the strongest penalty (LogisticProbe's in-graph choice agrees).
+            self.l2_ = max(l2 for l2, acc in self.sweep_.items() if acc == best)
             self.l2_source_ = "holdout"
         else:
-            self.l2_, self.l2_source_ = (self.l2s[0] if len(self.l2s) == 1 else self.fallback_l2), "fixed"
+            self.l2_ = self.l2s[0] if len(self.l2s) == 1 else self.fallback_l2
+            self.l2_source_ = "fixed"
         self._fit_one(x, labels, weights, self.l2_)
         return self
 
@@ -156,14 +174,18 @@ class LinearProbe:
         x = x if isinstance(x, jax.Array) else jnp.asarray(x, jnp.float32)
         y_host = np.asarray(y, np.int32)
         mask_host = _host_mask(mask, len(y_host))
-        metrics = accuracy(self.predict_scores(x), pad_like(y_host, x), pad_like(mask_host, x), self.num_classes)
+        metrics = accuracy(
+            self.predict_scores(x), pad_like(y_host, x), pad_like(mask_host, x), self.num_classes
+        )
         return {k: float(v) for k, v in metrics.items()}
 
     # Subclasses: statistics of the train rows, the held-out sweep, the final fit.
     def _prepare(self, x: jax.Array, mask: jax.Array) -> None:
         pass
 
-    def _sweep(self, x: jax.Array, y: jax.Array, fit_mask: jax.Array, hold_mask: jax.Array) -> jax.Array:
+    def _sweep(
+        self, x: jax.Array, y: jax.Array, fit_mask: jax.Array, hold_mask: jax.Array
+    ) -> jax.Array:
         raise NotImplementedError
 
     def _fit_one(self, x: jax.Array, y: jax.Array, mask: jax.Array, l2: float) -> None:
@@ -204,7 +226,9 @@ def _centred_problem(x: jax.Array, y: jax.Array, mask: jax.Array, num_classes: i
 
 
 @functools.partial(jax.jit, static_argnames="num_classes")
-def ridge_path(x: jax.Array, y: jax.Array, mask: jax.Array, alphas: jax.Array, num_classes: int) -> dict[str, jax.Array]:
+def ridge_path(
+    x: jax.Array, y: jax.Array, mask: jax.Array, alphas: jax.Array, num_classes: int
+) -> dict[str, jax.Array]:
     """Ridge weights for every relative penalty in `alphas`, from one eigendecomposition.
 
     Args:
@@ -230,7 +254,9 @@ def ridge_path(x: jax.Array, y: jax.Array, mask: jax.Array, alphas: jax.Array, n
 
 
 @functools.partial(jax.jit, static_argnames="num_classes")
-def ridge_solve(x: jax.Array, y: jax.Array, mask: jax.Array, alpha: jax.Array, num_classes: int) -> dict[str, jax.Array]:
+def ridge_solve(
+    x: jax.Array, y: jax.Array, mask: jax.Array, alpha: jax.Array, num_classes: int
+) -> dict[str, jax.Array]:
     """Ridge weights for one relative penalty by a Cholesky solve (the final refit).
 
     Returns:
@@ -262,7 +288,9 @@ class RidgeProbe(LinearProbe):
     default_l2s = RIDGE_L2S
 
     def _sweep(self, x, y, fit_mask, hold_mask):
-        return _ridge_sweep_accuracy(x, y, fit_mask, hold_mask, jnp.asarray(self.l2s, jnp.float32), self.num_classes)
+        return _ridge_sweep_accuracy(
+            x, y, fit_mask, hold_mask, jnp.asarray(self.l2s, jnp.float32), self.num_classes
+        )
 
     def _fit_one(self, x, y, mask, l2):
         solved = ridge_solve(x, y, mask, jnp.float32(l2), self.num_classes)
@@ -365,19 +393,19 @@ def _line_search(logits, u, onehot, w, theta, d, pen, l2, max_steps: int = 10):
     value0, slope0, _ = phi(0.0)
 
     def more(c):
-        t, lo, hi, value, slope, curve, k = c
+        t, _, _, value, slope, _, k = c
         wolfe = (value <= value0 + 1e-4 * t * slope0) & (jnp.abs(slope) <= 0.1 * jnp.abs(slope0))
         return (k < max_steps) & ~wolfe
 
     def step(c):
-        t, lo, hi, value, slope, curve, k = c
+        t, lo, hi, _, slope, curve, k = c
         lo, hi = jnp.where(slope < 0, t, lo), jnp.where(slope >= 0, t, hi)
         newton = t - slope / jnp.maximum(curve, 1e-30)
         fallback = jnp.where(jnp.isfinite(hi), 0.5 * (lo + hi), 2.0 * t)
         t = jnp.where((newton > lo) & (newton < hi), newton, fallback)
         return (t, lo, hi, *phi(t), k + 1)
 
-    t, lo, *_, value, _, _, _ = jax.lax.while_loop(more, step, (1.0, 0.0, jnp.inf, *phi(1.0), 0))
+    t, lo, _, value, _, _, _ = jax.lax.while_loop(more, step, (1.0, 0.0, jnp.inf, *phi(1.0), 0))
     # Convexity: every t in [0, argmin] decreases F, so lo is a safe fallback.
     return jnp.where(value <= value0, t, lo)
 
@@ -394,19 +422,30 @@ def _lbfgs(state, l2, z, zt, onehot, w, pen, tol, max_iter):
     def step(s):
         g = grad(s)
         d = _two_loop(g, s["mem_s"], s["mem_y"], s["rho"], s["head"])
-        d = jnp.where(jnp.vdot(g, d) < 0, d, -g)  # Not a descent direction (rare): steepest descent.
+        d = jnp.where(
+            jnp.vdot(g, d) < 0, d, -g
+        )  # Not a descent direction (rare): steepest descent.
         u = z @ d
         t = _line_search(s["logits"], u, onehot, w, s["theta"], d, pen, l2)
         logits = s["logits"] + t * u
         gdata = zt @ ((jax.nn.softmax(logits) - onehot) * w[:, None])
-        new = dict(s, theta=s["theta"] + t * d, logits=logits, gdata=gdata, iters=s["iters"] + 1, stalled=t <= 0)
+        new = dict(
+            s,
+            theta=s["theta"] + t * d,
+            logits=logits,
+            gdata=gdata,
+            iters=s["iters"] + 1,
+            stalled=t <= 0,
+        )
         step_s, step_y = t * d, grad(new) - g
         sy = jnp.vdot(step_s, step_y)
         keep = sy > 1e-10 * jnp.vdot(step_y, step_y)  # Curvature condition (always, if l2 > 0).
         h = s["head"]
         new["mem_s"] = s["mem_s"].at[h].set(jnp.where(keep, step_s, s["mem_s"][h]))
         new["mem_y"] = s["mem_y"].at[h].set(jnp.where(keep, step_y, s["mem_y"][h]))
-        new["rho"] = s["rho"].at[h].set(jnp.where(keep, 1.0 / jnp.where(keep, sy, 1.0), s["rho"][h]))
+        new["rho"] = (
+            s["rho"].at[h].set(jnp.where(keep, 1.0 / jnp.where(keep, sy, 1.0), s["rho"][h]))
+        )
         new["head"] = jnp.where(keep, (h + 1) % s["rho"].shape[0], h)
         return new
 
@@ -414,7 +453,9 @@ def _lbfgs(state, l2, z, zt, onehot, w, pen, tol, max_iter):
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iter", "memory"))
-def logistic_path(x, y, fit_mask, hold_mask, mu, sigma, l2s, theta, tol, *, num_classes, max_iter, memory=10):
+def logistic_path(
+    x, y, fit_mask, hold_mask, mu, sigma, l2s, theta, tol, *, num_classes, max_iter, memory=10
+):
     """The held-out sweep and the refit in one call.
 
     Fits every penalty of `l2s` in the order given on the `fit_mask` rows, each fit warm-started
@@ -450,23 +491,38 @@ def logistic_path(x, y, fit_mask, hold_mask, mu, sigma, l2s, theta, tol, *, num_
         rho = jnp.where((state["rho"] > 0) & (sy > 0), 1.0 / jnp.where(sy > 0, sy, 1.0), 0.0)
         return dict(state, mem_y=mem_y, rho=rho, iters=jnp.int32(0), stalled=jnp.bool_(False))
 
-    empty = {"mem_s": jnp.zeros((memory,) + theta.shape), "mem_y": jnp.zeros((memory,) + theta.shape),
-             "rho": jnp.zeros(memory), "head": jnp.int32(0), "iters": jnp.int32(0), "stalled": jnp.bool_(False)}
+    empty = {
+        "mem_s": jnp.zeros((memory,) + theta.shape),
+        "mem_y": jnp.zeros((memory,) + theta.shape),
+        "rho": jnp.zeros(memory),
+        "head": jnp.int32(0),
+        "iters": jnp.int32(0),
+        "stalled": jnp.bool_(False),
+    }
     w, state = start(theta, fit_mask, empty)
 
     def one(carry, l2):
         state, previous = carry
         state = _lbfgs(with_penalty(state, l2, previous), l2, z, zt, onehot, w, pen, tol, max_iter)
         top1 = accuracy(state["logits"], y, hold_mask, num_classes)["top1"]
-        return (state, l2), {"theta": state["theta"], "holdout_top1": top1, "iterations": state["iters"]}
+        return (state, l2), {
+            "theta": state["theta"],
+            "holdout_top1": top1,
+            "iterations": state["iters"],
+        }
 
     _, path = jax.lax.scan(one, (state, l2s[0]), l2s)
     best = jnp.argmax(path["holdout_top1"])
     # New rows: a fresh memory (pairs of the fit part would steer the refit's first steps).
     w, state = start(path["theta"][best], fit_mask + hold_mask, empty)
-    state = _lbfgs(with_penalty(state, l2s[best], l2s[best]), l2s[best], z, zt, onehot, w, pen, tol, max_iter)
+    state = _lbfgs(
+        with_penalty(state, l2s[best], l2s[best]), l2s[best], z, zt, onehot, w, pen, tol, max_iter
+    )
     grad_max = jnp.max(jnp.abs(state["gdata"] + l2s[best] * pen * state["theta"]))
-    path.update(best=best, final={"theta": state["theta"], "iterations": state["iters"], "grad_max": grad_max})
+    path.update(
+        best=best,
+        final={"theta": state["theta"], "iterations": state["iters"], "grad_max": grad_max},
+    )
     return path
 
 
@@ -476,7 +532,9 @@ class LogisticProbe(LinearProbe):
     name = "logistic"
     default_l2s = LOGISTIC_L2S
 
-    def __init__(self, l2s=None, holdout=0.2, fallback_l2=None, seed=0, tol=1e-4, max_iter=1000, memory=10):
+    def __init__(
+        self, l2s=None, holdout=0.2, fallback_l2=None, seed=0, tol=1e-4, max_iter=1000, memory=10
+    ):
         super().__init__(l2s, holdout, fallback_l2, seed)
         self.tol, self.max_iter, self.memory = float(tol), int(max_iter), int(memory)
         self.iterations_: list[int] = []  # Per fit: the sweep (strongest first), then the refit.
@@ -488,11 +546,22 @@ class LogisticProbe(LinearProbe):
 
     def _path(self, x, y, fit_mask, hold_mask, l2s):
         path = logistic_path(
-            x, y, fit_mask, hold_mask, self.mu_, self.sigma_, jnp.asarray(l2s, jnp.float32),
-            jnp.zeros((x.shape[1] + 1, self.num_classes)), jnp.float32(self.tol),
-            num_classes=self.num_classes, max_iter=self.max_iter, memory=self.memory,
+            x,
+            y,
+            fit_mask,
+            hold_mask,
+            self.mu_,
+            self.sigma_,
+            jnp.asarray(l2s, jnp.float32),
+            jnp.zeros((x.shape[1] + 1, self.num_classes)),
+            jnp.float32(self.tol),
+            num_classes=self.num_classes,
+            max_iter=self.max_iter,
+            memory=self.memory,
         )
-        self.iterations_ = np.asarray(path["iterations"]).tolist() + [int(path["final"]["iterations"])]
+        self.iterations_ = np.asarray(path["iterations"]).tolist() + [
+            int(path["final"]["iterations"])
+        ]
         return path
 
     def _sweep(self, x, y, fit_mask, hold_mask):

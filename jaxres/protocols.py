@@ -25,7 +25,8 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -47,7 +48,9 @@ def base_transfer_config() -> ml_collections.ConfigDict:
     c.model.checkpoint = ""  # A run directory (training run or imported weights).
     c.model.step = "latest"  # "latest", "best" or a step number.
 
-    c.dataset = base_config().dataset  # name, data_dir, ... as for training (read with open_source).
+    c.dataset = (
+        base_config().dataset
+    )  # name, data_dir, ... as for training (read with open_source).
     c.dataset.name = "digits"
     c.dataset.data_dir = "~/.cache/jaxres"
     c.dataset.val_split = "test"
@@ -90,7 +93,9 @@ def parse_list(text: str | int, kind: type = int, name: str = "value") -> list:
     try:
         return [kind(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"config.{name}={text!r}: expected comma-separated {kind.__name__}s, e.g. '15,30'.") from None
+        raise ConfigError(
+            f"config.{name}={text!r}: expected comma-separated {kind.__name__}s, e.g. '15,30'."
+        ) from None
 
 
 @dataclasses.dataclass
@@ -104,7 +109,9 @@ class Trial:
     test: np.ndarray
 
 
-def check_class_counts(labels: np.ndarray, class_names: Sequence[str], needed: int, what: str, where: str) -> None:
+def check_class_counts(
+    labels: np.ndarray, class_names: Sequence[str], needed: int, what: str, where: str
+) -> None:
     """DataError naming the first class with no images, or fewer than `needed`."""
     counts = np.bincount(labels, minlength=len(class_names))
     empty, short = np.flatnonzero(counts == 0), np.flatnonzero(counts < max(needed, 1))
@@ -128,13 +135,25 @@ def _classes(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
 
 
 def sample_pool_trials(
-    labels: np.ndarray, class_names: Sequence[str], per_class: Sequence[int], test_per_class: int,
-    test_at_most: bool, trials: int, seed: int, where: str = "the pool",
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    per_class: Sequence[int],
+    test_per_class: int,
+    test_at_most: bool,
+    trials: int,
+    seed: int,
+    where: str = "the pool",
 ) -> list[Trial]:
     """Per class and trial: N train and (up to) `test_per_class` test images, disjoint, seeded."""
     min_test = 1 if test_at_most else test_per_class
     need = max(per_class) + min_test
-    check_class_counts(labels, class_names, need, f"{max(per_class)} train + {'at least 1' if test_at_most else test_per_class} test", where)
+    check_class_counts(
+        labels,
+        class_names,
+        need,
+        f"{max(per_class)} train + {'at least 1' if test_at_most else test_per_class} test",
+        where,
+    )
     by_class = _classes(labels, len(class_names))
     out = []
     for n in per_class:
@@ -145,16 +164,25 @@ def sample_pool_trials(
                 perm = rng.permutation(idx)
                 train.append(perm[:n])
                 test.append(perm[n : n + test_per_class])
-            out.append(Trial(n, t, seed + t, np.sort(np.concatenate(train)), np.sort(np.concatenate(test))))
+            out.append(
+                Trial(n, t, seed + t, np.sort(np.concatenate(train)), np.sort(np.concatenate(test)))
+            )
     return out
 
 
 def sample_split_trials(
-    train_labels: np.ndarray, num_test: int, class_names: Sequence[str], per_class: Sequence[int],
-    trials: int, seed: int, where: str = "the train split",
+    train_labels: np.ndarray,
+    num_test: int,
+    class_names: Sequence[str],
+    per_class: Sequence[int],
+    trials: int,
+    seed: int,
+    where: str = "the train split",
 ) -> list[Trial]:
     """Per trial: N train images per class from the train split (0 = all, one trial); all test images."""
-    check_class_counts(train_labels, class_names, max(per_class), f"{max(per_class)} train images", where)
+    check_class_counts(
+        train_labels, class_names, max(per_class), f"{max(per_class)} train images", where
+    )
     by_class = _classes(train_labels, len(class_names))
     out = []
     for n in per_class:
@@ -165,19 +193,32 @@ def sample_split_trials(
     return out
 
 
-def make_probe(method: str, probe_config: ml_collections.ConfigDict, seed: int) -> probe.LinearProbe:
+def make_probe(
+    method: str, probe_config: ml_collections.ConfigDict, seed: int
+) -> probe.LinearProbe:
     """A probe from `config.probe` (`method` is "logistic" or "ridge")."""
     if method not in probe.PROBES:
         raise ConfigError(unknown_name("config.probe.methods entry", method, probe.PROBES))
     l2s = parse_list(probe_config[f"{method}_l2s"], float, f"probe.{method}_l2s") or None
     if method == "ridge":
         return probe.RidgeProbe(l2s, holdout=probe_config.holdout, seed=seed)
-    return probe.LogisticProbe(l2s, holdout=probe_config.holdout, seed=seed, tol=probe_config.tol, max_iter=probe_config.max_iter)
+    return probe.LogisticProbe(
+        l2s,
+        holdout=probe_config.holdout,
+        seed=seed,
+        tol=probe_config.tol,
+        max_iter=probe_config.max_iter,
+    )
 
 
 def fit_and_score(
-    method: str, probe_config: ml_collections.ConfigDict, seed: int, train: tuple, test: tuple,
-    num_classes: int, mesh: jax.sharding.Mesh,
+    method: str,
+    probe_config: ml_collections.ConfigDict,
+    seed: int,
+    train: tuple,
+    test: tuple,
+    num_classes: int,
+    mesh: jax.sharding.Mesh,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Fits one probe on (x, y) `train`, scores it on `test`; returns (row, test predictions)."""
     start = time.perf_counter()
@@ -186,7 +227,9 @@ def fit_and_score(
     x_test, test_mask = probe.shard_rows(test[0], mesh)
     scores = model.score(x_test, test[1], test_mask)
     predictions = model.predict(x_test)[: len(test[1])]
-    row = dict(scores, l2=model.l2_, l2_source=model.l2_source_, seconds=time.perf_counter() - start)
+    row = dict(
+        scores, l2=model.l2_, l2_source=model.l2_source_, seconds=time.perf_counter() - start
+    )
     return row, predictions
 
 
@@ -203,8 +246,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def _split_features(config, extractor, split: str, cache_dir: str):
     source = sources.open_source(config.dataset, split)
-    name = {"name": config.dataset.name, "data_dir": os.path.abspath(os.path.expanduser(config.dataset.data_dir)), "split": split}
-    x, y, mask = features.cached_features(extractor, source, name, cache_dir, config.features.batch_size)
+    name = {
+        "name": config.dataset.name,
+        "data_dir": os.path.abspath(os.path.expanduser(config.dataset.data_dir)),
+        "split": split,
+    }
+    x, y, mask = features.cached_features(
+        extractor, source, name, cache_dir, config.features.batch_size
+    )
     return x, y.astype(np.int64), mask, list(source.class_names)
 
 
@@ -212,7 +261,9 @@ def _keep_classes(class_names: list[str], exclude: str) -> list[int]:
     excluded = set(parse_list(exclude, str, "protocol.exclude_classes"))
     for name in excluded:
         if name not in class_names:
-            raise ConfigError(unknown_name("class in config.protocol.exclude_classes", name, class_names))
+            raise ConfigError(
+                unknown_name("class in config.protocol.exclude_classes", name, class_names)
+            )
     return [i for i, n in enumerate(class_names) if n not in excluded]
 
 
@@ -224,35 +275,56 @@ def _relabel(x, y, mask, keep: list[int], num_classes: int):
     return x[valid], new_id[y[valid]]
 
 
-def load_data(config: ml_collections.ConfigDict, extractor: features.FeatureExtractor, cache_dir: str):
+def load_data(
+    config: ml_collections.ConfigDict, extractor: features.FeatureExtractor, cache_dir: str
+):
     """The protocol's features: (pool or train, test or None, class names)."""
     p = config.protocol
     if p.kind not in KINDS:
         raise ConfigError(unknown_name("config.protocol.kind", p.kind, KINDS))
-    splits = parse_list(p.pool_splits, str, "protocol.pool_splits") if p.kind == "pool" else [p.train_split, p.test_split]
+    splits = (
+        parse_list(p.pool_splits, str, "protocol.pool_splits")
+        if p.kind == "pool"
+        else [p.train_split, p.test_split]
+    )
     loaded = [_split_features(config, extractor, s, cache_dir) for s in splits]
     class_names = loaded[0][3]
     keep = _keep_classes(class_names, p.exclude_classes)
     parts = [_relabel(x, y, m, keep, len(class_names)) for x, y, m, _ in loaded]
     names = [class_names[i] for i in keep]
     if p.kind == "pool":
-        return (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])), None, names
+        return (
+            (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])),
+            None,
+            names,
+        )
     return parts[0], parts[1], names
 
 
-def draw_trials(config: ml_collections.ConfigDict, train_y: np.ndarray, test_y: np.ndarray | None, names: list[str]) -> list[Trial]:
+def draw_trials(
+    config: ml_collections.ConfigDict,
+    train_y: np.ndarray,
+    test_y: np.ndarray | None,
+    names: list[str],
+) -> list[Trial]:
     """The protocol's trials (checked: enough images in every class)."""
     p = config.protocol
     per_class = parse_list(p.per_class, int, "protocol.per_class")
     if not per_class or min(per_class) < 0 or (p.kind == "pool" and min(per_class) < 1):
-        raise ConfigError(f"config.protocol.per_class={p.per_class!r}: give positive counts, e.g. '15,30'.")
+        raise ConfigError(
+            f"config.protocol.per_class={p.per_class!r}: give positive counts, e.g. '15,30'."
+        )
     where = f"{config.dataset.name} ({p.pool_splits if p.kind == 'pool' else p.train_split})"
     if p.kind == "pool":
-        return sample_pool_trials(train_y, names, per_class, p.test_per_class, p.test_at_most, p.trials, p.seed, where)
+        return sample_pool_trials(
+            train_y, names, per_class, p.test_per_class, p.test_at_most, p.trials, p.seed, where
+        )
     return sample_split_trials(train_y, len(test_y), names, per_class, p.trials, p.seed, where)
 
 
-def run_protocol(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+def run_protocol(
+    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None
+) -> dict[str, Any]:
     """Features once (cached), then every N x trial x probe; writes results.json / .csv / confusion.png.
 
     Args:
@@ -264,7 +336,9 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
       The results dict written to `workdir/results.json`.
     """
     if not config.model.checkpoint:
-        raise ConfigError("Set --config.model.checkpoint=RUN (a training run or an imported model directory).")
+        raise ConfigError(
+            "Set --config.model.checkpoint=RUN (a training run or an imported model directory)."
+        )
     mesh = mesh if mesh is not None else parallel.make_mesh()
     step = config.model.step if config.model.step in ("latest", "best") else int(config.model.step)
     member = evaluate.load_member(config.model.checkpoint, step)
@@ -281,15 +355,31 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shar
         test_x, test_y = (train_x, train_y) if test is None else test
         for method in methods:
             row, predictions = fit_and_score(
-                method, config.probe, trial.seed, (train_x[trial.train], train_y[trial.train]),
-                (test_x[trial.test], test_y[trial.test]), len(names), mesh,
+                method,
+                config.probe,
+                trial.seed,
+                (train_x[trial.train], train_y[trial.train]),
+                (test_x[trial.test], test_y[trial.test]),
+                len(names),
+                mesh,
             )
-            row.update(method=method, per_class=trial.per_class, trial=trial.trial, seed=trial.seed,
-                       n_train=len(trial.train), n_test=len(trial.test))
+            row.update(
+                method=method,
+                per_class=trial.per_class,
+                trial=trial.trial,
+                seed=trial.seed,
+                n_train=len(trial.train),
+                n_test=len(trial.test),
+            )
             rows.append(row)
-            log_line(f"{method} N={trial.per_class} trial {trial.trial}: top-1 {row['top1']:.4f} "
-                     f"mean per-class {row['mean_per_class']:.4f} (l2 {row['l2']:.3g}, {row['seconds']:.1f} s)")
-            if method == methods[0] and (best is None or (row["per_class"], row["top1"]) > (best[0]["per_class"], best[0]["top1"])):
+            log_line(
+                f"{method} N={trial.per_class} trial {trial.trial}: top-1 {row['top1']:.4f} "
+                f"mean per-class {row['mean_per_class']:.4f} (l2 {row['l2']:.3g}, {row['seconds']:.1f} s)"
+            )
+            if method == methods[0] and (
+                best is None
+                or (row["per_class"], row["top1"]) > (best[0]["per_class"], best[0]["top1"])
+            ):
                 best = (row, test_y[trial.test], predictions)
     results = _results(config, member, extractor, names, methods, rows)
     if jax.process_index() == 0:
@@ -308,8 +398,16 @@ def _results(config, member, extractor, names, methods, rows) -> dict[str, Any]:
     return {
         "protocol": config.protocol.to_dict(),
         "dataset": {"name": config.dataset.name, "num_classes": len(names)},
-        "model": {"run": os.path.abspath(member.run), "step": member.step, "name": member.config.model.name},
-        "features": {"layer": extractor.layer, "views": extractor.views, "image_size": extractor.image_size},
+        "model": {
+            "run": os.path.abspath(member.run),
+            "step": member.step,
+            "name": member.config.model.name,
+        },
+        "features": {
+            "layer": extractor.layer,
+            "views": extractor.views,
+            "image_size": extractor.image_size,
+        },
         "probe": config.probe.to_dict(),
         "summary": summary,
         "trials": rows,
@@ -318,9 +416,14 @@ def _results(config, member, extractor, names, methods, rows) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     """The results as published tables print them: a row per N, mean +- std over trials."""
-    title = (f"{results['dataset']['name']} linear probe ({results['dataset']['num_classes']} classes), "
-             f"{results['model']['name']} step {results['model']['step']}, {results['features']['layer']}")
-    lines = [title, f"{'probe':<10}{'train/class':>12}{'trials':>8}{'top-1 (%)':>16}{'mean per-class (%)':>22}"]
+    title = (
+        f"{results['dataset']['name']} linear probe ({results['dataset']['num_classes']} classes), "
+        f"{results['model']['name']} step {results['model']['step']}, {results['features']['layer']}"
+    )
+    lines = [
+        title,
+        f"{'probe':<10}{'train/class':>12}{'trials':>8}{'top-1 (%)':>16}{'mean per-class (%)':>22}",
+    ]
     for method, by_n in results["summary"].items():
         for n, s in by_n.items():
             lines.append(
@@ -331,7 +434,9 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(workdir: str, results: dict[str, Any], rows: list[dict], best: tuple, names: list[str]) -> None:
+def write_outputs(
+    workdir: str, results: dict[str, Any], rows: list[dict], best: tuple, names: list[str]
+) -> None:
     """results.json, results.csv (one row per trial and probe), confusion.png; prints the table."""
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -341,7 +446,9 @@ def write_outputs(workdir: str, results: dict[str, Any], rows: list[dict], best:
         writer.writeheader()
         writer.writerows(rows)
     row, labels, predictions = best
-    title = f"{row['method']} N={row['per_class']} trial {row['trial']}: top-1 {100 * row['top1']:.1f}%"
+    title = (
+        f"{row['method']} N={row['per_class']} trial {row['trial']}: top-1 {100 * row['top1']:.1f}%"
+    )
     confusion_image(labels, predictions, names, title).save(os.path.join(workdir, "confusion.png"))
     log_line(table(results))
 
@@ -369,7 +476,9 @@ def confusion_image(labels: np.ndarray, predictions: np.ndarray, names: Sequence
     return image
 
 
-def demo_probe(workdir: str, data_dir: str | None = None, checkpoint: str = "best", method: str = "logistic") -> dict[str, Any]:
+def demo_probe(
+    workdir: str, data_dir: str | None = None, checkpoint: str = "best", method: str = "logistic"
+) -> dict[str, Any]:
     """A linear probe on a run's pre_logits features: fit on its train split, score on its val split.
 
     For `make demo`'s results table (the digits demo: under 30 s on 2 cores; features
@@ -382,13 +491,30 @@ def demo_probe(workdir: str, data_dir: str | None = None, checkpoint: str = "bes
     config.dataset = evaluate.run_config(workdir).dataset
     if data_dir:
         config.dataset.data_dir = data_dir
-    config.protocol.train_split, config.protocol.test_split = config.dataset.train_split, config.dataset.val_split
+    config.protocol.train_split, config.protocol.test_split = (
+        config.dataset.train_split,
+        config.dataset.val_split,
+    )
     member = evaluate.load_member(workdir, checkpoint)
     extractor = features.FeatureExtractor(member)
-    (train_x, train_y), (test_x, test_y), names = load_data(config, extractor, os.path.join(workdir, "features"))
-    row, _ = fit_and_score(method, config.probe, 0, (train_x, train_y), (test_x, test_y), len(names), parallel.make_mesh())
+    (train_x, train_y), (test_x, test_y), names = load_data(
+        config, extractor, os.path.join(workdir, "features")
+    )
+    row, _ = fit_and_score(
+        method,
+        config.probe,
+        0,
+        (train_x, train_y),
+        (test_x, test_y),
+        len(names),
+        parallel.make_mesh(),
+    )
     return {
         "what": f"linear probe ({method}, pre_logits, {len(train_y)} train)",
-        "top1": row["top1"], "mean_per_class": row["mean_per_class"], "count": len(test_y),
-        "train": len(train_y), "l2": row["l2"], "l2_source": row["l2_source"],
+        "top1": row["top1"],
+        "mean_per_class": row["mean_per_class"],
+        "count": len(test_y),
+        "train": len(train_y),
+        "l2": row["l2"],
+        "l2_source": row["l2_source"],
     }

@@ -302,12 +302,13 @@ def restore_or_init(
         return checkpointer.restore(latest, abstract)
     state = jax.jit(init_fn, out_shardings=shardings)(rng)
     if config.init_from:
-        state = _load_init_from(config.init_from, state, shardings)
+        state = _load_init_from(config.init_from, state, shardings, config.init_fresh_head)
     return state
 
 
-def _load_init_from(run: str, state: TrainState, shardings: Any) -> TrainState:
-    """Copies another run's params / batch stats in; a head of another shape stays fresh."""
+def _load_init_from(run: str, state: TrainState, shardings: Any, fresh_head: bool = False) -> TrainState:
+    """Copies another run's params / batch stats in; a head of another shape (or any head,
+    with `fresh_head`) stays fresh."""
     source = ckpt_lib.Checkpointer(ckpt_lib.run_checkpoint_dir(run), read_only=True)
     step = ckpt_lib.resolve_step(source, "latest")
     loaded = source.restore_params(step)
@@ -325,7 +326,7 @@ def _load_init_from(run: str, state: TrainState, shardings: Any) -> TrainState:
 
     def merge(path, new, old_tree):
         key = jax.tree_util.keystr(path)
-        old = _lookup(old_tree, path)
+        old = None if fresh_head and "head" in key else _lookup(old_tree, path)
         if old is not None and old.shape == new.shape:
             return jnp.asarray(old, new.dtype)
         if old is not None and "head" not in key:
@@ -381,6 +382,12 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
         )
     parallel.check_batch_size(config.batch_size // config.grad_accum_steps, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    if config.optimizer.head_only_steps and not config.init_from:
+        raise ConfigError(
+            f"config.optimizer.head_only_steps={config.optimizer.head_only_steps} trains only the "
+            "head of a fresh model; set --config.init_from=RUN (fine-tuning) or "
+            "--config.optimizer.head_only_steps=0."
+        )
     create_model(config)  # Unknown model names / fields fail here, before data loading.
 
 
@@ -424,6 +431,10 @@ def train_and_evaluate(
     model = create_model(config)
     schedule = optim.make_schedule(config.optimizer, config.batch_size, steps_per_epoch, total_steps)
     tx = optim.make_optimizer(config.optimizer, schedule)
+    head_only = config.optimizer.head_only_steps
+    if head_only:  # The body's schedule starts when it unfreezes.
+        body_schedule = optim.make_schedule(config.optimizer, config.batch_size, steps_per_epoch, total_steps - head_only)
+        tx = optim.head_only_warmup(tx, optim.make_optimizer(config.optimizer, body_schedule), head_only)
     step_fn, eval_fn = make_step_fns(config, model, tx, mesh)
 
     writer = metrics_lib.MetricWriter(workdir)

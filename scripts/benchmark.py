@@ -1,11 +1,16 @@
-"""Benchmarks: `--what train|infer` (jaxres, or torch with --framework torch).
+"""Benchmarks, one entry point: `--what train|infer|input|probe|features`.
 
     python scripts/benchmark.py --what train --model resnetv2_50 --batch_size 256 --dtype bfloat16
     python scripts/benchmark.py --what train --framework torch --model resnet50 --batch_size 256
+    python scripts/benchmark.py --what input          # grain transforms vs tf.data vs PIL
+    python scripts/benchmark.py --what probe          # ridge / logistic probes vs scikit-learn
+    python scripts/benchmark.py --what features --model resnet50 --batch_size 32
 
-Each run prints its JSON row, appends it to benchmarks/results.jsonl and
-re-renders the table in benchmarks/results.md. CPU rows say "cpu:" in their
-device column.
+train / infer print their JSON row, append it to benchmarks/results.jsonl and
+re-render benchmarks/results.md (CPU rows say "cpu:" in their device column).
+input / probe / features print their tables as JSON or markdown (--output
+writes them); benchmarks/input.md and probe.md hold the recorded figures.
+Run on a quiet machine (check `uptime`).
 """
 
 import json
@@ -15,8 +20,8 @@ from absl import app, flags
 
 from jaxres import cli
 
-flags.DEFINE_enum("what", "train", ["train", "infer"], "What to time.")
-flags.DEFINE_enum("framework", "jax", ["jax", "torch"], "jaxres or the PyTorch reference.")
+flags.DEFINE_enum("what", "train", ["train", "infer", "input", "probe", "features"], "What to time.")
+flags.DEFINE_enum("framework", "jax", ["jax", "torch"], "train / infer: jaxres or the PyTorch reference.")
 flags.DEFINE_string("model", "resnetv2_50", "jaxres registry name, or torchvision/timm name for torch.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (params stay float32).")
@@ -24,28 +29,60 @@ flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
 flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
 flags.DEFINE_integer("image_size", 224, "Input resolution.")
 flags.DEFINE_bool("torch_compile", True, "torch.compile the torch step.")
-flags.DEFINE_bool("record", True, "Append to benchmarks/results.jsonl.")
+flags.DEFINE_bool("record", True, "train / infer: append to benchmarks/results.jsonl.")
+flags.DEFINE_integer("num_images", 512, "input: JPEGs to make (about 500x375, q90).")
+flags.DEFINE_integer("repeats", 3, "input: timed passes per figure (best kept).")
+flags.DEFINE_bool("tf", None, "input: include tf.data rows (default: when TensorFlow is installed).")
+flags.DEFINE_bool("sweep", True, "probe: also time the whole Caltech-101 protocol sweep (minutes).")
+flags.DEFINE_string("output", None, "input / probe / features: also write the JSON results here.")
+
+
+def _throughput(f) -> None:
+    from jaxres import bench
+
+    if f.framework == "jax":
+        row = bench.bench_jax(f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.image_size)
+    else:
+        from jaxres import bench_torch
+
+        row = bench_torch.bench_torch(
+            f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.torch_compile, f.image_size
+        )
+    print(json.dumps(row, indent=1))
+    if f.record:
+        bench.append_result(row)
+        with open(os.path.join(os.path.dirname(bench.RESULTS), "results.md"), "w") as out:
+            out.write("# Benchmark results (newest first)\n\n" + bench.render_markdown() + "\n")
+
+
+def _other(f) -> dict:
+    if f.what == "input":
+        from jaxres import bench_input
+
+        result = bench_input.run_input_benchmark(f.num_images, f.image_size, 64, f.repeats, f.tf)
+        print(bench_input.format_markdown(result))
+        return result
+    from jaxres import bench_probe
+
+    if f.what == "probe":
+        result = bench_probe.run_probe_benchmark(sweep=f.sweep)
+    else:
+        result = bench_probe.run_feature_benchmark(f.model, f.batch_size, f.image_size, f.steps, f.warmup)
+    print(json.dumps(result, indent=1))
+    return result
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
     with cli.user_errors():
-        from jaxres import bench
-
-        if f.framework == "jax":
-            row = bench.bench_jax(f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.image_size)
-        else:
-            from jaxres import bench_torch
-
-            row = bench_torch.bench_torch(
-                f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.torch_compile, f.image_size
-            )
-        print(json.dumps(row, indent=1))
-        if f.record:
-            bench.append_result(row)
-            with open(os.path.join(os.path.dirname(bench.RESULTS), "results.md"), "w") as out:
-                out.write("# Benchmark results (newest first)\n\n" + bench.render_markdown() + "\n")
+        if f.what in ("train", "infer"):
+            _throughput(f)
+            return
+        result = _other(f)
+        if f.output:
+            with open(f.output, "w") as out:
+                json.dump(result, out, indent=1)
 
 
 if __name__ == "__main__":

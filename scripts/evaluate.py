@@ -15,9 +15,13 @@ from absl import app, flags
 from jaxres import cli
 
 flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
-flags.DEFINE_string("ensemble", None, "Comma-separated run directories whose probabilities are averaged.")
+flags.DEFINE_string(
+    "ensemble", None, "Comma-separated run directories whose probabilities are averaged."
+)
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (highest val_top1) or a step number.")
-flags.DEFINE_integer("crops", 1, "1: centre crop; 10: four corners + centre and their mirror images.")
+flags.DEFINE_integer(
+    "crops", 1, "1: centre crop; 10: four corners + centre and their mirror images."
+)
 flags.DEFINE_string("split", None, "Split to evaluate (default: the run's dataset.val_split).")
 flags.DEFINE_string("data_dir", None, "Overrides the run's dataset.data_dir.")
 flags.DEFINE_integer("batch_size", None, "Global batch (default: the run's eval_batch_size).")
@@ -38,7 +42,12 @@ def main(argv):
             raise ConfigError("Pass --workdir RUN (or --ensemble RUN_A,RUN_B).")
         checkpoint = f.checkpoint if f.checkpoint in ("latest", "best") else int(f.checkpoint)
         results = evaluate.evaluate_runs(
-            runs, checkpoint=checkpoint, split=f.split, crops=f.crops, data_dir=f.data_dir, batch_size=f.batch_size
+            runs,
+            checkpoint=checkpoint,
+            split=f.split,
+            crops=f.crops,
+            data_dir=f.data_dir,
+            batch_size=f.batch_size,
         )
         print(json.dumps(results, indent=2))
         if f.output:

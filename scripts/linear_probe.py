@@ -15,7 +15,12 @@ from ml_collections import config_flags
 
 from jaxres import cli
 
-config_flags.DEFINE_config_file("config", None, "Transfer config (configs/transfer/*.py), optionally with :arg.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Transfer config (configs/transfer/*.py), optionally with :arg.",
+    lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "Output directory (results, feature cache).", required=True)
 cli.define_distributed_flags()
 

@@ -15,7 +15,9 @@ from jaxres import cli
 flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).", required=True)
 flags.DEFINE_integer("top_k", 5, "Classes printed per image.")
 flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number.")
-flags.DEFINE_string("grid", None, "Save a grid of the images with predicted / true labels here (PNG).")
+flags.DEFINE_string(
+    "grid", None, "Save a grid of the images with predicted / true labels here (PNG)."
+)
 
 
 def main(argv):
@@ -24,7 +26,9 @@ def main(argv):
         from jaxres.errors import DataError
 
         if len(argv) < 2:
-            raise DataError("Pass image files or folders after the flags, e.g. scripts/predict.py --workdir RUN a.jpg.")
+            raise DataError(
+                "Pass image files or folders after the flags, e.g. scripts/predict.py --workdir RUN a.jpg."
+            )
         f = flags.FLAGS
         checkpoint = f.checkpoint if f.checkpoint in ("latest", "best") else int(f.checkpoint)
         predictions = predict.predict(f.workdir, argv[1:], f.top_k, checkpoint)

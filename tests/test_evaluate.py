@@ -37,7 +37,9 @@ def write_folder(root, split: str, counts: dict[str, int], size=(40, 36), seed=0
         for i in range(n):
             pixels = rng.integers(0, 256, (size[1], size[0], 3))
             pixels[..., c % 3] = np.clip(pixels[..., c % 3] + 80, 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i:03d}.jpg"), quality=95)
+            Image.fromarray(pixels.astype(np.uint8)).save(
+                os.path.join(folder, f"{i:03d}.jpg"), quality=95
+            )
     return root
 
 
@@ -64,16 +66,23 @@ def make_run(root: str, config, seed: int = 0, step: int = 3, ema: bool = False)
     variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)), train=False)
     params = jax.tree.map(np.asarray, dict(variables["params"]))
     rng = np.random.default_rng(seed)
-    params["head"] = {"kernel": rng.normal(0, 0.5, params["head"]["kernel"].shape).astype(np.float32),
-                      "bias": np.zeros_like(params["head"]["bias"])}
-    state = {"params": params, "batch_stats": jax.tree.map(np.asarray, dict(variables.get("batch_stats", {})))}
+    params["head"] = {
+        "kernel": rng.normal(0, 0.5, params["head"]["kernel"].shape).astype(np.float32),
+        "bias": np.zeros_like(params["head"]["bias"]),
+    }
+    state = {
+        "params": params,
+        "batch_stats": jax.tree.map(np.asarray, dict(variables.get("batch_stats", {}))),
+    }
     if ema:
         config.ema_decay = 0.99
         state["ema_params"] = jax.tree.map(lambda p: p * 0.5, params)
     with open(os.path.join(root, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     checkpointer = ckpt_lib.Checkpointer(os.path.join(root, "checkpoints"))
-    checkpointer.save(step, state, {"model": config.model.name, "num_classes": config.dataset.num_classes})
+    checkpointer.save(
+        step, state, {"model": config.model.name, "num_classes": config.dataset.num_classes}
+    )
     checkpointer.close()
     return root
 
@@ -82,7 +91,9 @@ def make_run(root: str, config, seed: int = 0, step: int = 3, ema: bool = False)
 def data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
     write_folder(root, "train", {n: 4 for n in CLASSES}, seed=1)
-    return write_folder(root, "val", {"ant": 7, "bee": 8, "cat": 6}, seed=2)  # 21: not a multiple of 8.
+    return write_folder(
+        root, "val", {"ant": 7, "bee": 8, "cat": 6}, seed=2
+    )  # 21: not a multiple of 8.
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +120,9 @@ def test_evaluate_counts_every_example_on_8_devices(runs, data):
     labels = np.array([e["label"] for e in examples])
     assert results["count"] == len(source) == 21
     assert results["top1"] == pytest.approx(np.mean(probs.argmax(1) == labels), abs=1e-6)
-    assert results["loss"] == pytest.approx(-np.mean(np.log(probs[np.arange(21), labels])), rel=1e-4)
+    assert results["loss"] == pytest.approx(
+        -np.mean(np.log(probs[np.arange(21), labels])), rel=1e-4
+    )
     per_class = [np.mean(probs[labels == c].argmax(1) == c) for c in range(3)]
     assert results["mean_per_class"] == pytest.approx(np.mean(per_class), abs=1e-6)
     assert results["top5"] == 1.0  # 3 classes.
@@ -132,7 +145,9 @@ def test_ten_crop_is_the_average_of_ten_softmaxes(runs, data):
     assert not np.allclose(centre, probs)
     flip, _ = evaluate.Ensemble([member]).probabilities(source, "flip", batch_size=8)
     one = transforms.EvalTransform(32, 0.8)(source[3])["image"]
-    np.testing.assert_allclose(flip[3], reference(member, np.stack([one, one[:, ::-1]])).mean(0), atol=1e-5)
+    np.testing.assert_allclose(
+        flip[3], reference(member, np.stack([one, one[:, ::-1]])).mean(0), atol=1e-5
+    )
 
 
 def test_ensemble_averages_member_probabilities(runs, data):
@@ -161,16 +176,26 @@ def test_checkpoint_of_another_model_is_a_one_line_error(runs, tmp_path):
 
     bad = str(tmp_path / "bad")
     shutil.copytree(runs[0], bad)
-    config = json.load(open(os.path.join(bad, "config.json")))
+    path = os.path.join(bad, "config.json")
+    with open(path) as f:
+        config = json.load(f)
     config["model"]["name"] = "resnetv2_18"
-    json.dump(config, open(os.path.join(bad, "config.json"), "w"))
+    with open(path, "w") as f:
+        json.dump(config, f)
     with pytest.raises(CheckpointError, match=r"does not fit model .*Is config.json the one"):
         evaluate.load_member(bad)
     with pytest.raises(CheckpointError, match="No checkpoint at step 99"):
         evaluate.load_member(runs[0], 99)
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), f"--workdir={tmp_path / 'nowhere'}"],
-        capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""),
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "evaluate.py"),
+            f"--workdir={tmp_path / 'nowhere'}",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, XLA_FLAGS=""),
     )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("jaxres error")]
@@ -179,22 +204,34 @@ def test_checkpoint_of_another_model_is_a_one_line_error(runs, tmp_path):
 
 def test_best_checkpoint_is_the_highest_val_top1(data, tmp_path):
     run = make_run(str(tmp_path / "r"), run_config(data), step=1)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(run, "checkpoints"), keep_latest=3, keep_best=3)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(run, "checkpoints"), keep_latest=3, keep_best=3
+    )
     member = evaluate.load_member(run)
     for step, top1 in ((2, 0.9), (3, 0.5)):
-        checkpointer.save(step, {"params": member.variables["params"], "batch_stats": member.variables["batch_stats"]},
-                          {"model": "resnetv2_tiny"}, {"val_top1": top1})
+        checkpointer.save(
+            step,
+            {"params": member.variables["params"], "batch_stats": member.variables["batch_stats"]},
+            {"model": "resnetv2_tiny"},
+            {"val_top1": top1},
+        )
     checkpointer.close()
     assert evaluate.load_member(run, "best").step == 2
     assert evaluate.load_member(run, "latest").step == 3
 
 
 def test_predict_top_k_true_labels_and_grid(runs, data, tmp_path):
-    out = predict.predict(runs[0], [os.path.join(data, "val", "bee"), os.path.join(data, "val", "ant", "000.jpg")], top_k=2)
+    out = predict.predict(
+        runs[0],
+        [os.path.join(data, "val", "bee"), os.path.join(data, "val", "ant", "000.jpg")],
+        top_k=2,
+    )
     assert len(out) == 9 and all(p.ok for p in out)
     assert [p.true for p in out] == ["bee"] * 8 + ["ant"]
     for p in out:
-        assert len(p.top) == 2 and p.top[0][1] >= p.top[1][1] and {n for n, _ in p.top} <= set(CLASSES)
+        assert (
+            len(p.top) == 2 and p.top[0][1] >= p.top[1][1] and {n for n, _ in p.top} <= set(CLASSES)
+        )
     text = predict.format_predictions(out)
     assert text.count("\n") == 8 and "(true: ant)" in text
     grid = tmp_path / "grid.png"
@@ -205,16 +242,27 @@ def test_predict_top_k_true_labels_and_grid(runs, data, tmp_path):
 def test_feature_cache_reused_and_invalidated(runs, data, tmp_path, monkeypatch):
     calls = []
     original = features.FeatureExtractor.extract
-    monkeypatch.setattr(features.FeatureExtractor, "extract", lambda self, *a, **k: calls.append(self.layer) or original(self, *a, **k))
+    monkeypatch.setattr(
+        features.FeatureExtractor,
+        "extract",
+        lambda self, *a, **k: calls.append(self.layer) or original(self, *a, **k),
+    )
     source = sources.ImageFolderSource(os.path.join(data, "val"), list(CLASSES))
     name = {"name": "toy", "split": "val"}
     member = evaluate.load_member(runs[0])
 
     def get(extractor):
-        return features.cached_features(extractor, source, name, str(tmp_path), batch_size=8, chunk_rows=8)
+        return features.cached_features(
+            extractor, source, name, str(tmp_path), batch_size=8, chunk_rows=8
+        )
 
     x, y, mask = get(features.FeatureExtractor(member))
-    assert x.shape == (21, 128) and y.tolist() == list(source.labels) and mask.all() and len(calls) == 1
+    assert (
+        x.shape == (21, 128)
+        and y.tolist() == list(source.labels)
+        and mask.all()
+        and len(calls) == 1
+    )
     x2, y2, _ = get(features.FeatureExtractor(member))
     assert len(calls) == 1  # Second run: no forward pass.
     np.testing.assert_array_equal(x, x2)
@@ -225,7 +273,12 @@ def test_feature_cache_reused_and_invalidated(runs, data, tmp_path, monkeypatch)
     assert len(calls) == 4
     stage3, _, _ = get(features.FeatureExtractor(member, layer="stage3"))
     assert stage3.shape == (21, 64) and len(calls) == 4
-    chunks = [f for d in os.listdir(tmp_path) for f in os.listdir(tmp_path / d) if f.startswith("features-")]
+    chunks = [
+        f
+        for d in os.listdir(tmp_path)
+        for f in os.listdir(tmp_path / d)
+        if f.startswith("features-")
+    ]
     assert len(chunks) >= 4 * 3  # 21 rows in chunks of 8 rows per cache.
 
 
@@ -234,5 +287,7 @@ def test_spatial_layer_unpooled_and_unknown_layer_error(runs, data):
     source = sources.ImageFolderSource(os.path.join(data, "val"), list(CLASSES))
     x, _, _ = features.FeatureExtractor(member, layer="stage4", pool=False).extract(source, 8)
     assert x.shape == (21, 4, 4, 128)
-    with pytest.raises(ConfigError, match=r"Unknown feature layer 'stage9'.*Valid: logits, pre_logits, stage1"):
+    with pytest.raises(
+        ConfigError, match=r"Unknown feature layer 'stage9'.*Valid: logits, pre_logits, stage1"
+    ):
         features.FeatureExtractor(member, layer="stage9")

@@ -14,7 +14,9 @@ from jaxres import parallel, probe
 from jaxres.errors import ConfigError
 
 
-def blobs(n_per_class: int, num_classes: int = 6, dim: int = 24, spread: float = 1.6, seed: int = 0):
+def blobs(
+    n_per_class: int, num_classes: int = 6, dim: int = 24, spread: float = 1.6, seed: int = 0
+):
     """Class-structured features: Gaussian clusters, ReLU'd like pooled CNN features."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(num_classes, dim))
@@ -32,7 +34,9 @@ def centred_solve(x, y, num_classes, l2):
     return np.linalg.solve(xc.T @ xc + l2 * np.eye(x.shape[1]), xc.T @ tc)
 
 
-@pytest.mark.parametrize("n_per_class, dim", [(20, 24), (4, 40)])  # Primal (D <= N) and dual (N < D).
+@pytest.mark.parametrize(
+    "n_per_class, dim", [(20, 24), (4, 40)]
+)  # Primal (D <= N) and dual (N < D).
 def test_ridge_sweep_equals_separate_solves(n_per_class, dim):
     x, y = blobs(n_per_class, dim=dim)
     alphas = np.array([1e-2, 1e-1, 1.0, 10.0], np.float32)
@@ -41,7 +45,9 @@ def test_ridge_sweep_equals_separate_solves(n_per_class, dim):
     np.testing.assert_allclose(np.asarray(path["l2"]), alphas * np.sum(xc * xc) / dim, rtol=1e-4)
     for i, l2 in enumerate(np.asarray(path["l2"], np.float64)):
         w = centred_solve(x, y, 6, l2)
-        np.testing.assert_allclose(np.asarray(path["w"][i]), w, rtol=2e-3, atol=2e-3 * np.abs(w).max())
+        np.testing.assert_allclose(
+            np.asarray(path["w"][i]), w, rtol=2e-3, atol=2e-3 * np.abs(w).max()
+        )
         b = np.eye(6)[y].mean(0) - x.mean(0) @ w
         np.testing.assert_allclose(np.asarray(path["b"][i]), b, atol=2e-3)
 
@@ -51,7 +57,9 @@ def test_ridge_refit_solve_equals_the_path():
     mask = np.ones(len(y), np.float32)
     path = probe.ridge_path(x, y, mask, np.array([0.3], np.float32), num_classes=6)
     solved = probe.ridge_solve(x, y, mask, np.float32(0.3), num_classes=6)
-    np.testing.assert_allclose(np.asarray(solved["w"]), np.asarray(path["w"][0]), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(solved["w"]), np.asarray(path["w"][0]), rtol=1e-3, atol=1e-5
+    )
     np.testing.assert_allclose(np.asarray(solved["b"]), np.asarray(path["b"][0]), atol=1e-4)
 
 
@@ -64,18 +72,34 @@ def test_logistic_warm_started_sweep_equals_separate_fits():
     start = np.zeros((x.shape[1] + 1, 6), np.float32)
 
     def path(l2s, fit=mask - hold, held=hold):
-        return probe.logistic_path(x, y, fit, held, mu, sigma, np.asarray(l2s, np.float32), start, np.float32(1e-6),
-                                   num_classes=6, max_iter=1000)
+        return probe.logistic_path(
+            x,
+            y,
+            fit,
+            held,
+            mu,
+            sigma,
+            np.asarray(l2s, np.float32),
+            start,
+            np.float32(1e-6),
+            num_classes=6,
+            max_iter=1000,
+        )
 
     l2s = [1.0, 1e-1, 1e-2]
     swept = path(l2s)
-    def centred(theta):  # Softmax ignores a constant added to every class's bias: compare without it.
+
+    def centred(
+        theta,
+    ):  # Softmax ignores a constant added to every class's bias: compare without it.
         theta = np.asarray(theta)
         return np.concatenate([theta[:-1], theta[-1:] - theta[-1].mean()])
 
     for i, l2 in enumerate(l2s):
         alone = path([l2])
-        np.testing.assert_allclose(centred(swept["theta"][i]), centred(alone["theta"][0]), atol=2e-4)
+        np.testing.assert_allclose(
+            centred(swept["theta"][i]), centred(alone["theta"][0]), atol=2e-4
+        )
         assert float(swept["holdout_top1"][i]) == pytest.approx(float(alone["holdout_top1"][0]))
     best = int(swept["best"])
     assert swept["holdout_top1"][best] == max(swept["holdout_top1"])
@@ -102,11 +126,18 @@ def test_logistic_agrees_with_sklearn_logistic_regression():
     l2 = 1e-2
     ours = probe.LogisticProbe(l2s=[l2], tol=1e-6).fit(x, y)
     scaler = StandardScaler().fit(x)
-    theirs = LogisticRegression(C=1.0 / (l2 * len(x)), tol=1e-8, max_iter=5000).fit(scaler.transform(x), y)
+    theirs = LogisticRegression(C=1.0 / (l2 * len(x)), tol=1e-8, max_iter=5000).fit(
+        scaler.transform(x), y
+    )
     # Same strongly convex objective, both converged: probabilities within 1e-2, accuracy within 1 point.
     ours_probs = np.asarray(jax.nn.softmax(ours.predict_scores(x_test)))
-    np.testing.assert_allclose(ours_probs, theirs.predict_proba(scaler.transform(x_test)), atol=1e-2)
-    assert abs(ours.score(x_test, y_test)["top1"] - theirs.score(scaler.transform(x_test), y_test)) <= 0.01
+    np.testing.assert_allclose(
+        ours_probs, theirs.predict_proba(scaler.transform(x_test)), atol=1e-2
+    )
+    assert (
+        abs(ours.score(x_test, y_test)["top1"] - theirs.score(scaler.transform(x_test), y_test))
+        <= 0.01
+    )
     assert ours.grad_max_ <= 1e-6 and ours.iterations_[-1] < ours.max_iter
 
 
@@ -114,13 +145,17 @@ def test_penalty_is_chosen_on_a_class_balanced_holdout():
     x, y = blobs(20)
     hold = probe.class_balanced_holdout(y, np.ones(len(y)), 0.25, seed=3)
     assert np.bincount(y[hold]).tolist() == [5] * 6
-    np.testing.assert_array_equal(hold, probe.class_balanced_holdout(y, np.ones(len(y)), 0.25, seed=3))
+    np.testing.assert_array_equal(
+        hold, probe.class_balanced_holdout(y, np.ones(len(y)), 0.25, seed=3)
+    )
     assert not np.array_equal(hold, probe.class_balanced_holdout(y, np.ones(len(y)), 0.25, seed=4))
     for cls in (probe.RidgeProbe, probe.LogisticProbe):
         p = cls().fit(x, y)
         assert p.l2_source_ == "holdout" and set(p.sweep_) == set(p.l2s) and p.l2_ in p.l2s
         assert p.sweep_[p.l2_] == max(p.sweep_.values())
-    one_shot = probe.LogisticProbe().fit(x[::20], y[::20])  # One image per class: nothing to hold out.
+    one_shot = probe.LogisticProbe().fit(
+        x[::20], y[::20]
+    )  # One image per class: nothing to hold out.
     assert one_shot.l2_source_ == "fixed" and one_shot.l2_ == one_shot.fallback_l2
 
 
@@ -137,7 +172,11 @@ def test_row_sharded_fit_equals_single_device_fit(cls):
     single = cls().fit(x, y)
     assert sharded.l2_ == single.l2_
     xt, mt = probe.shard_rows(x_test, mesh)
-    np.testing.assert_allclose(np.asarray(sharded.predict_scores(xt))[:60], np.asarray(single.predict_scores(x_test)), atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(sharded.predict_scores(xt))[:60],
+        np.asarray(single.predict_scores(x_test)),
+        atol=1e-3,
+    )
     assert sharded.score(xt, y_test, mt) == pytest.approx(single.score(x_test, y_test), abs=1e-6)
 
 

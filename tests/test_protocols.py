@@ -15,10 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from test_evaluate import make_run, run_config, write_folder
 
 from jaxres import protocols, train
 from jaxres.errors import ConfigError, DataError
-from test_evaluate import make_run, run_config, write_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["a", "b", "c", "d"]
@@ -27,10 +27,14 @@ NAMES = ["a", "b", "c", "d"]
 def test_pool_trials_are_balanced_seeded_disjoint_and_nested():
     labels = np.repeat(np.arange(4), [40, 35, 60, 31])
     trials = protocols.sample_pool_trials(labels, NAMES, [15, 30], 50, True, trials=3, seed=7)
-    assert [(t.per_class, t.trial, t.seed) for t in trials] == [(n, t, 7 + t) for n in (15, 30) for t in range(3)]
+    assert [(t.per_class, t.trial, t.seed) for t in trials] == [
+        (n, t, 7 + t) for n in (15, 30) for t in range(3)
+    ]
     for t in trials:
         assert np.bincount(labels[t.train], minlength=4).tolist() == [t.per_class] * 4
-        assert np.bincount(labels[t.test], minlength=4).tolist() == [min(50, n - t.per_class) for n in (40, 35, 60, 31)]
+        assert np.bincount(labels[t.test], minlength=4).tolist() == [
+            min(50, n - t.per_class) for n in (40, 35, 60, 31)
+        ]
         assert not set(t.train) & set(t.test)
     assert set(trials[0].train) <= set(trials[3].train)  # Trial 0 at N=15 inside trial 0 at N=30.
     assert not np.array_equal(trials[0].train, trials[1].train)
@@ -52,9 +56,15 @@ def test_split_trials_sample_train_and_keep_the_whole_test_split():
 
 def test_short_and_empty_classes_are_one_line_data_errors():
     labels = np.repeat(np.arange(4), [40, 35, 60, 31])
-    with pytest.raises(DataError, match=r"Class 'd' has 31 images in the pool but the protocol needs 31 train \+ at least 1 test"):
+    with pytest.raises(
+        DataError,
+        match=r"Class 'd' has 31 images in the pool but the protocol needs 31 train \+ at least 1 test",
+    ):
         protocols.sample_pool_trials(labels, NAMES, [31], 50, True, 1, 0)
-    with pytest.raises(DataError, match=r"Class 'b' has 35 images .* needs 15 train \+ 25 test \(1 more classes are short\)"):
+    with pytest.raises(
+        DataError,
+        match=r"Class 'b' has 35 images .* needs 15 train \+ 25 test \(1 more classes are short\)",
+    ):
         protocols.sample_pool_trials(labels, NAMES, [10, 15], 25, False, 1, 0)
     with pytest.raises(DataError, match=r"Class 'e' has no images .*exclude_classes=e"):
         protocols.sample_split_trials(labels, 10, NAMES + ["e"], [5], 1, 0)
@@ -82,17 +92,31 @@ def toy(tmp_path_factory):
 
 def test_pool_protocol_end_to_end(toy, tmp_path, capsys):
     run, data = toy
-    config = tiny_protocol(run, data, kind="pool", pool_splits="train,test", per_class="2,4", test_per_class=5, trials=2)
+    config = tiny_protocol(
+        run,
+        data,
+        kind="pool",
+        pool_splits="train,test",
+        per_class="2,4",
+        test_per_class=5,
+        trials=2,
+    )
     results = protocols.run_protocol(config, str(tmp_path))
     assert set(results["summary"]) == {"logistic", "ridge"}
     s = results["summary"]["logistic"]["4"]
     assert s["trials"] == 2 and 0 <= s["top1_mean"] <= 1 and s["top1_std"] >= 0
-    top1 = [r["top1"] for r in results["trials"] if r["method"] == "logistic" and r["per_class"] == 4]
-    assert s["top1_mean"] == pytest.approx(np.mean(top1)) and s["top1_std"] == pytest.approx(np.std(top1, ddof=1))
+    top1 = [
+        r["top1"] for r in results["trials"] if r["method"] == "logistic" and r["per_class"] == 4
+    ]
+    assert s["top1_mean"] == pytest.approx(np.mean(top1)) and s["top1_std"] == pytest.approx(
+        np.std(top1, ddof=1)
+    )
     assert all(r["n_train"] == 3 * r["per_class"] and r["n_test"] == 15 for r in results["trials"])
-    saved = json.load(open(tmp_path / "results.json"))
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
     assert saved["summary"] == results["summary"] and saved["model"]["step"] == 3
-    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 2 and {r["method"] for r in rows} == {"logistic", "ridge"}
     assert Image.open(tmp_path / "confusion.png").size[0] > 3
     table = capsys.readouterr().out
@@ -103,11 +127,20 @@ def test_pool_protocol_end_to_end(toy, tmp_path, capsys):
 def test_linear_probe_script_reports_a_short_class_in_one_line(toy, tmp_path):
     run, data = toy
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "linear_probe.py"),
-         f"--config={os.path.join(REPO, 'configs', 'transfer', 'fewshot.py')}:imagefolder",
-         f"--workdir={tmp_path}", f"--config.model.checkpoint={run}", f"--config.dataset.data_dir={data}",
-         "--config.features.batch_size=8"],
-        capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""), cwd=REPO,
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "linear_probe.py"),
+            f"--config={os.path.join(REPO, 'configs', 'transfer', 'fewshot.py')}:imagefolder",
+            f"--workdir={tmp_path}",
+            f"--config.model.checkpoint={run}",
+            f"--config.dataset.data_dir={data}",
+            "--config.features.batch_size=8",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, XLA_FLAGS=""),
+        cwd=REPO,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("jaxres error")]
@@ -118,7 +151,9 @@ def test_linear_probe_script_reports_a_short_class_in_one_line(toy, tmp_path):
 def test_bad_protocol_settings_are_config_errors(toy, tmp_path):
     run, data = toy
     with pytest.raises(ConfigError, match="Unknown class in config.protocol.exclude_classes 'dog'"):
-        protocols.run_protocol(tiny_protocol(run, data, exclude_classes="dog", per_class="2"), str(tmp_path))
+        protocols.run_protocol(
+            tiny_protocol(run, data, exclude_classes="dog", per_class="2"), str(tmp_path)
+        )
     with pytest.raises(ConfigError, match="Unknown config.protocol.kind 'poool'"):
         protocols.run_protocol(tiny_protocol(run, data, kind="poool"), str(tmp_path))
     with pytest.raises(ConfigError, match="model.checkpoint"):
@@ -129,7 +164,9 @@ def test_transfer_configs_load():
     import importlib.util
 
     for name in ("caltech101", "caltech256", "indoor67", "fewshot"):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", "transfer", f"{name}.py"))
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(REPO, "configs", "transfer", f"{name}.py")
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         config = module.get_config()

@@ -183,3 +183,29 @@ def test_ema_tracks_params_and_is_evaluated(data_dir):
         np.testing.assert_allclose(e, 0.9 * a + 0.1 * b, rtol=1e-5, atol=1e-7)
     assert train.eval_variables(state, config)["params"] is state.ema_params
     assert not np.allclose(p1["stem_conv"]["kernel"], p0["stem_conv"]["kernel"])
+
+
+def test_head_only_warmup_freezes_the_body_then_starts_it_fresh():
+    import optax
+
+    params = {"head": {"kernel": jnp.ones((3, 2))}, "stage1_block1": {"conv1": {"kernel": jnp.ones((3, 3))}}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = optim.head_only_warmup(optax.sgd(0.1, momentum=0.9), optax.sgd(0.1, momentum=0.9), steps=2)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for step in range(3):
+        updates, state = update(grads, state, params)
+        body = np.asarray(updates["stage1_block1"]["conv1"]["kernel"])
+        head = np.asarray(updates["head"]["kernel"])
+        assert np.all(head != 0)
+        if step < 2:
+            assert np.all(body == 0)
+        else:  # The first body step: momentum starts empty, as a fresh optimizer's.
+            np.testing.assert_allclose(body, -0.1)
+    assert head[0, 0] == pytest.approx(-0.1 * (1 + 0.9 + 0.81))  # The head kept its momentum.
+
+
+def test_head_only_needs_init_from(data_dir):
+    config = smoke_config(data_dir, **{"optimizer.head_only_steps": 5})
+    with pytest.raises(ConfigError, match="head_only_steps=5 trains only the head of a fresh model"):
+        train.check_config(config, parallel.make_mesh())

@@ -32,6 +32,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 
 def _process_rows(
@@ -45,6 +46,9 @@ def _process_rows(
 def _iterate(ds: grain.MapDataset, num_workers: int) -> Iterator[Any]:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
     if num_workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain's workers read absl flags; a library caller (a notebook) parsed none.
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)
 
