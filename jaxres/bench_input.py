@@ -14,7 +14,8 @@ colour fields plus noise, about 500x375, JPEG q90, one in four portrait):
   input pipeline, with the same fast integer IDCT as ours) with one map
   thread; plus decode-only rows;
 * all cores: our grain pipeline (`pipeline.train_batches` / `eval_batches`,
-  one worker process per core, reading the array_record files) against
+  one worker process per core, and for training also `num_workers=0`, grain's
+  read threads in one process; reading the array_record files) against
   tf.data with AUTOTUNE parallelism over the same bytes in RAM.
 
 Every figure is the best of `repeats` timed passes after a warm-up pass.
@@ -262,6 +263,13 @@ def _all_cores(
         num_workers=workers,
     )
     rates = {f"train: ours (grain, {workers} workers)": _grain_rate(train, batch_size, num_batches)}
+    # num_workers=0: grain's read threads in this process; decoding and resizing release the GIL.
+    in_process = pipeline.train_batches(
+        source, transforms.TrainTransform(image_size), global_batch_size=batch_size, seed=0
+    )
+    rates["train: ours (grain, in-process threads)"] = _grain_rate(
+        in_process, batch_size, num_batches
+    )
     evaluate = pipeline.eval_batches(
         _Repeated(
             source, (GRAIN_SKIPPED_BATCHES + num_batches + 1) * batch_size // len(source) + 1

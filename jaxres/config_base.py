@@ -38,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.crop_min_area = 0.08  # Inception random-resized-crop area range [min, 1].
     c.dataset.flip = True
     c.dataset.eval_crop_ratio = 0.875  # Resize to size / ratio, then centre-crop.
+    c.dataset.color_jitter = 0.0  # Brightness/contrast/saturation factors in [1-s, 1+s], random order; 0 = off.
+    c.dataset.decode_reduced = True  # Decode JPEGs at 1/2, 1/4, 1/8 size when the crop still covers the output.
     c.dataset.mean = IMAGENET_MEAN
     c.dataset.std = IMAGENET_STD
     c.dataset.num_workers = 8  # grain worker processes per host (0 = in-process).

@@ -25,6 +25,7 @@ class TrainMetrics(clu_metrics.Collection):
     loss: clu_metrics.Average.from_output("loss")
     top1: clu_metrics.Average.from_output("top1")
     grad_norm: clu_metrics.Average.from_output("grad_norm")
+    skipped: clu_metrics.Average.from_output("skipped")  # Undecodable images per step (logged with their keys).
     # 1 when the loss and the updated params are finite; the loop stops on anything less.
     finite: clu_metrics.Average.from_output("finite")
 

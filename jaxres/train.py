@@ -112,7 +112,11 @@ def train_step(
     )
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(params))
     metrics = metrics_lib.TrainMetrics.single_from_model_output(
-        loss=loss, top1=correct / total_weight, grad_norm=optax.global_norm(grads), finite=finite.astype(jnp.float32)
+        loss=loss,
+        top1=correct / total_weight,
+        grad_norm=optax.global_norm(grads),
+        finite=finite.astype(jnp.float32),
+        skipped=(1.0 - batch["mask"]).sum(),  # Training batches have no padding: mask 0 = undecodable.
     )
     return new_state, metrics
 
@@ -151,7 +155,9 @@ def evaluate(
     """top-1 / top-5 / loss over the whole split (padded + masked: every example counts)."""
     batches = pipeline.eval_batches(
         source,
-        transforms.EvalTransform(config.dataset.image_size, config.dataset.eval_crop_ratio),
+        transforms.EvalTransform(
+            config.dataset.image_size, config.dataset.eval_crop_ratio, config.dataset.decode_reduced
+        ),
         global_batch_size=config.eval_batch_size,
         num_workers=config.dataset.num_workers,
         process_index=jax.process_index(),
@@ -360,7 +366,13 @@ def _micro_batches(config: ml_collections.ConfigDict, source: Any, start: int) -
     micro_global = config.batch_size // config.grad_accum_steps
     batches = pipeline.train_batches(
         source,
-        transforms.TrainTransform(config.dataset.image_size, config.dataset.crop_min_area, config.dataset.flip),
+        transforms.TrainTransform(
+            config.dataset.image_size,
+            config.dataset.crop_min_area,
+            config.dataset.flip,
+            color_jitter=config.dataset.color_jitter,
+            decode_reduced=config.dataset.decode_reduced,
+        ),
         global_batch_size=micro_global,
         seed=config.seed,
         start=start,
