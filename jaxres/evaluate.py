@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxres import checkpoint as ckpt_lib
 from jaxres import parallel
@@ -249,7 +248,7 @@ class Ensemble:
         self.image_size = first.dataset.image_size
         self.crop_ratio = first.dataset.eval_crop_ratio
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
-        self.variables = replicate(tuple(m.variables for m in self.members), self.mesh)
+        self.variables = parallel.replicate(tuple(m.variables for m in self.members), self.mesh)
         specs = tuple(ModelSpec.of(m) for m in self.members)
         self.probs_fn = jax.jit(
             functools.partial(_ensemble_probs, specs=specs),
@@ -283,8 +282,8 @@ class Ensemble:
         num, batches = self.batches(source, views, batch_size)
         probs, masks = [], []
         for batch in progress(batches, num, "predict"):
-            probs.append(gather_rows(self.probs_fn(self.variables, batch["image"])))
-            masks.append(gather_rows(batch["mask"]))
+            probs.append(parallel.gather_rows(self.probs_fn(self.variables, batch["image"])))
+            masks.append(parallel.gather_rows(batch["mask"]))
         return np.concatenate(probs)[: len(source)], np.concatenate(masks)[: len(source)]
 
     def evaluate(
@@ -307,30 +306,6 @@ class Ensemble:
             "mean_per_class": float(per_class.mean()),
             "loss": float(total["loss_sum"]) / count,
         }
-
-
-def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-    """A host value (the same on every process) as a global array with `sharding`.
-
-    Each process fills its own devices' shards; `jax.device_put` of a committed
-    single-device array onto other hosts' devices is a cross-host transfer that the CPU
-    backend refuses.
-    """
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Host (or single-device) arrays -> a copy on every device of `mesh`, any number of processes."""
-    sharding = parallel.replicated(mesh)
-    return jax.tree.map(lambda x: place(x, sharding), tree)
-
-
-def gather_rows(x: jax.Array) -> np.ndarray:
-    """A batch-sharded global array -> host numpy with every row, on every process."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def progress(iterable: Any, total: int, desc: str) -> Any:

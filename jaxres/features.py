@@ -31,7 +31,7 @@ import numpy as np
 from jaxres import parallel
 from jaxres.data import pipeline
 from jaxres.errors import ConfigError, unknown_name
-from jaxres.evaluate import Member, ModelSpec, gather_rows, progress, replicate, view_transform
+from jaxres.evaluate import Member, ModelSpec, progress, view_transform
 
 DEFAULT_LAYER = "pre_logits"
 CACHE_FORMAT = 1
@@ -86,7 +86,7 @@ class FeatureExtractor:
         self.transform = view_transform(self.image_size, self.crop_ratio, views)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
-        self.variables = replicate(member.variables, self.mesh)
+        self.variables = parallel.replicate(member.variables, self.mesh)
         fn = functools.partial(_features, spec=ModelSpec.of(member), layer=layer, pool=pool)
         self.fn = jax.jit(fn, in_shardings=(replicated, data), out_shardings=data)
 
@@ -133,7 +133,7 @@ class FeatureExtractor:
         parts, remaining = [], len(source)
         for _, batch in progress(zip(range(num), device_batches), num, f"features {self.layer}"):
             rows = [
-                gather_rows(a)
+                parallel.gather_rows(a)
                 for a in (self.fn(self.variables, batch["image"]), batch["label"], batch["mask"])
             ]
             rows = [r[:remaining] for r in rows]  # The last batch's padding.

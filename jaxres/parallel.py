@@ -120,3 +120,27 @@ def prefetch_to_device(
 def fetch(tree: Any) -> Any:
     """Brings (replicated or fully addressable) arrays to host numpy."""
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host value (the same on every process) as a global array with `sharding`.
+
+    Each process fills its own devices' shards; `jax.device_put` of a committed
+    single-device array onto other hosts' devices is a cross-host transfer that the CPU
+    backend refuses.
+    """
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Host (or single-device) arrays -> a copy on every device of `mesh`, any number of processes."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: place(x, sharding), tree)
+
+
+def gather_rows(x: jax.Array) -> np.ndarray:
+    """A batch-sharded global array -> host numpy with every row, on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -31,7 +31,6 @@ from jax.sharding import PartitionSpec as P
 
 from jaxres import parallel
 from jaxres.errors import ConfigError
-from jaxres.evaluate import gather_rows, place
 
 # Relative ridge penalties (multiples of the mean eigenvalue of the centred Gram matrix).
 RIDGE_L2S = tuple(10.0**e for e in np.arange(-4.0, 2.01, 0.5))
@@ -56,7 +55,7 @@ def shard_rows(x: Any, mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array
     x = np.concatenate([x, np.zeros((padded - n,) + x.shape[1:], x.dtype)])
     mask = (np.arange(padded) < n).astype(np.float32)
     sharding = parallel.batch_sharding(mesh)
-    return place(x, sharding), place(mask, sharding)
+    return parallel.place(x, sharding), parallel.place(mask, sharding)
 
 
 def pad_like(values: Any, x: jax.Array) -> jax.Array:
@@ -67,7 +66,7 @@ def pad_like(values: Any, x: jax.Array) -> jax.Array:
     )
     sharding = getattr(x, "sharding", None)
     if isinstance(sharding, NamedSharding) and len(sharding.spec) > 0:
-        return place(values, NamedSharding(sharding.mesh, P(sharding.spec[0])))
+        return parallel.place(values, NamedSharding(sharding.mesh, P(sharding.spec[0])))
     return jnp.asarray(values)
 
 
@@ -107,7 +106,7 @@ def _host_mask(mask: Any, n: int) -> np.ndarray:
     if mask is None:
         return np.ones(n, np.float32)
     if isinstance(mask, jax.Array):
-        mask = gather_rows(mask)
+        mask = parallel.gather_rows(mask)
     return np.asarray(mask, np.float32)[:n]
 
 
@@ -167,7 +166,7 @@ class LinearProbe:
 
     def predict(self, x: Any) -> np.ndarray:
         """Predicted class ids [N] on the host."""
-        return gather_rows(self.predict_scores(x).argmax(-1))
+        return parallel.gather_rows(self.predict_scores(x).argmax(-1))
 
     def score(self, x: Any, y: Any, mask: Any = None) -> dict[str, float]:
         """`{"top1", "mean_per_class"}` on the rows of `x` where `mask` (default all) is 1."""

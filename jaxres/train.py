@@ -308,11 +308,11 @@ def restore_or_init(
         return checkpointer.restore(latest, abstract)
     state = jax.jit(init_fn, out_shardings=shardings)(rng)
     if config.init_from:
-        state = _load_init_from(config.init_from, state, shardings, config.init_fresh_head)
+        state = _load_init_from(config.init_from, state, mesh, config.init_fresh_head)
     return state
 
 
-def _load_init_from(run: str, state: TrainState, shardings: Any, fresh_head: bool = False) -> TrainState:
+def _load_init_from(run: str, state: TrainState, mesh: jax.sharding.Mesh, fresh_head: bool = False) -> TrainState:
     """Copies another run's params / batch stats in; a head of another shape (or any head,
     with `fresh_head`) stays fresh."""
     source = ckpt_lib.Checkpointer(ckpt_lib.run_checkpoint_dir(run), read_only=True)
@@ -348,8 +348,8 @@ def _load_init_from(run: str, state: TrainState, shardings: Any, fresh_head: boo
     if len(fresh) == len(jax.tree.leaves(state.params)) + len(jax.tree.leaves(state.batch_stats)):
         raise CheckpointError(f"init_from={run!r} shares no parameter with model; is it the same architecture?")
     metrics_lib.log_line(f"Initialised from {run} step {step}; fresh: {', '.join(fresh) or 'none'}.")
-    placed = jax.device_put((params, stats), (shardings.params, shardings.batch_stats))
-    return state.replace(params=placed[0], batch_stats=placed[1])
+    # `parallel.replicate`, not `device_put`: each process fills only its own devices.
+    return state.replace(params=parallel.replicate(params, mesh), batch_stats=parallel.replicate(stats, mesh))
 
 
 def _lookup(tree: Any, path: tuple) -> Any:

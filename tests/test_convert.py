@@ -424,8 +424,7 @@ def test_saved_groupnorm_run_restores_and_initialises_training(references, tmp_p
         step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state={}, ema_params={},
         rng=jax.random.key_data(jax.random.key(0)),
     )  # fmt: skip
-    shardings = jax.tree.map(lambda _: parallel.replicated(parallel.make_mesh()), state)
-    state = train._load_init_from(run, state, shardings)
+    state = train._load_init_from(run, state, parallel.make_mesh())
     got = flax.traverse_util.flatten_dict(jax.device_get(state.params))
     want = flax.traverse_util.flatten_dict(converted.variables["params"])
     for key, value in got.items():
