@@ -22,3 +22,5 @@ for bs in 256 1024; do
   python scripts/benchmark.py --what infer --model resnetv2_50 --batch_size $bs --dtype bfloat16
   python scripts/benchmark.py --what infer --framework torch --model resnet50 --batch_size $bs --dtype bfloat16
 done
+# End to end: JPEG records -> grain (16 host cores) -> train step, vs synthetic in the same call.
+python scripts/benchmark.py --what e2e --model resnetv2_50 --batch_size 256 --dtype bfloat16 --num_workers 16 --steps 50

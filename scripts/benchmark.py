@@ -2,11 +2,12 @@
 
     python scripts/benchmark.py --what train --model resnetv2_50 --batch_size 256 --dtype bfloat16
     python scripts/benchmark.py --what train --framework torch --model resnet50 --batch_size 256
+    python scripts/benchmark.py --what e2e --batch_size 256 --num_workers 16   # records -> grain -> step
     python scripts/benchmark.py --what input          # grain transforms vs tf.data vs PIL
     python scripts/benchmark.py --what probe          # ridge / logistic probes vs scikit-learn
     python scripts/benchmark.py --what features --model resnet50 --batch_size 32
 
-train / infer print their JSON row, append it to benchmarks/results.jsonl and
+train / infer / e2e print their JSON row, append it to benchmarks/results.jsonl and
 re-render benchmarks/results.md (CPU rows say "cpu:" in their device column).
 input / probe / features print their tables as JSON or markdown (--output
 writes them); benchmarks/input.md and probe.md hold the recorded figures.
@@ -20,7 +21,7 @@ from absl import app, flags
 
 from jaxres import cli
 
-flags.DEFINE_enum("what", "train", ["train", "infer", "input", "probe", "features"], "What to time.")
+flags.DEFINE_enum("what", "train", ["train", "infer", "e2e", "input", "probe", "features"], "What to time.")
 flags.DEFINE_enum("framework", "jax", ["jax", "torch"], "train / infer: jaxres or the PyTorch reference.")
 flags.DEFINE_string("model", "resnetv2_50", "jaxres registry name, or torchvision/timm name for torch.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")
@@ -34,13 +35,19 @@ flags.DEFINE_integer("num_images", 512, "input: JPEGs to make (about 500x375, q9
 flags.DEFINE_integer("repeats", 3, "input: timed passes per figure (best kept).")
 flags.DEFINE_bool("tf", None, "input: include tf.data rows (default: when TensorFlow is installed).")
 flags.DEFINE_bool("sweep", True, "probe: also time the whole Caltech-101 protocol sweep (minutes).")
+flags.DEFINE_integer("num_workers", 8, "e2e: grain worker processes.")
+flags.DEFINE_string("dataset", "", "e2e: a prepared dataset name (default: synthetic JPEG records).")
+flags.DEFINE_string("data_dir", "", "e2e: its data_dir.")
 flags.DEFINE_string("output", None, "input / probe / features: also write the JSON results here.")
 
 
 def _throughput(f) -> None:
     from jaxres import bench
 
-    if f.framework == "jax":
+    if f.what == "e2e":
+        row = bench.bench_e2e(f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.num_workers,
+                              f.dataset, f.data_dir, f.image_size)
+    elif f.framework == "jax":
         row = bench.bench_jax(f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.image_size)
     else:
         from jaxres import bench_torch
@@ -76,7 +83,7 @@ def main(argv):
     del argv
     f = flags.FLAGS
     with cli.user_errors():
-        if f.what in ("train", "infer"):
+        if f.what in ("train", "infer", "e2e"):
             _throughput(f)
             return
         result = _other(f)
