@@ -8,6 +8,7 @@ import sys
 from typing import Iterator
 
 from absl import flags
+from absl import logging as absl_logging
 
 from jaxres.errors import JaxresError
 
@@ -44,10 +45,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     Pass as `app.run(main, flags_parser=cli.parse_flags)`.
     """
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         print(f"jaxres error: {_flag_error_message(argv, e)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if not flags.FLAGS["verbosity"].present:
+        # orbax and grain log every save and worker at INFO; --verbosity=0 brings them back.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    return remaining
 
 
 def _flag_error_message(argv: list[str], error: Exception) -> str:
