@@ -248,10 +248,16 @@ class Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def should_stop(self) -> bool:
-        """Agreed by all processes, so that every one saves at the same step."""
+    def should_stop(self, step: int, every: int) -> bool:
+        """Agreed by all processes, so that every one saves at the same step.
+
+        With several processes agreeing costs a collective and a host sync, so
+        they compare flags only every `every` steps (the log steps).
+        """
         if jax.process_count() == 1:
             return self.requested
+        if step % every:
+            return False
         return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
 
     def restore(self) -> None:
@@ -492,7 +498,7 @@ def train_and_evaluate(
                 save(step, eval_metrics)
             elif step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
                 save(step)
-            if preemption.should_stop() and step < total_steps:
+            if preemption.should_stop(step, config.log_every_steps) and step < total_steps:
                 if checkpointer.latest_step() != step:
                     save(step)
                 checkpointer.wait()
