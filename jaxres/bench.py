@@ -72,17 +72,23 @@ def _synthetic(batch_size: int, image_size: int, num_classes: int, leading: tupl
     }
 
 
+def _train_setup(config) -> tuple:
+    """Mesh, a fresh replicated TrainState and the jitted train / eval steps of `config`."""
+    mesh = parallel.make_mesh()
+    net = train.create_model(config)
+    schedule = optim.make_schedule(config.optimizer, config.batch_size, 1000, 100000)
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    state = jax.jit(lambda r: train.init_state(net, tx, config, r), out_shardings=parallel.replicated(mesh))(
+        jax.random.key(0)
+    )
+    return (mesh, state, *train.make_step_fns(config, net, tx, mesh))
+
+
 def bench_jax(what: str, model: str, batch_size: int, dtype: str, steps: int, warmup: int,
               image_size: int = 224, num_classes: int = 1000) -> dict[str, Any]:
     """jaxres `train_step` (what="train") or the eval forward pass (what="infer")."""
     config = _config(model, batch_size, dtype, image_size, num_classes)
-    mesh = parallel.make_mesh()
-    net = train.create_model(config)
-    tx = optim.make_optimizer(config.optimizer, optim.make_schedule(config.optimizer, batch_size, 1000, 100000))
-    state = jax.jit(lambda r: train.init_state(net, tx, config, r), out_shardings=parallel.replicated(mesh))(
-        jax.random.key(0)
-    )
-    step_fn, eval_fn = train.make_step_fns(config, net, tx, mesh)
+    mesh, state, step_fn, eval_fn = _train_setup(config)
     if what == "train":
         batch = parallel.to_global(_synthetic(batch_size, image_size, num_classes, (1,)), mesh, batch_axis=1)
         start = time.perf_counter()
@@ -176,13 +182,7 @@ def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, 
 
         tmp = tempfile.mkdtemp(prefix="jaxres_e2e_")
         source = bench_input.write_records(Path(tmp) / "e2e", bench_input.make_jpegs(1024))
-    mesh = parallel.make_mesh()
-    net = train.create_model(config)
-    tx = optim.make_optimizer(config.optimizer, optim.make_schedule(config.optimizer, batch_size, 1000, 100000))
-    state = jax.jit(lambda r: train.init_state(net, tx, config, r), out_shardings=parallel.replicated(mesh))(
-        jax.random.key(0)
-    )
-    step_fn, _ = train.make_step_fns(config, net, tx, mesh)
+    mesh, state, step_fn, _ = _train_setup(config)
     synthetic = parallel.to_global(_synthetic(batch_size, image_size, 1000, (1,)), mesh, batch_axis=1)
     batches = parallel.prefetch_to_device(train._micro_batches(config, source, 0), mesh, batch_axis=1)
     holder = [state]
