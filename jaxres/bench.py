@@ -19,7 +19,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxres import config_base, optim, parallel, train
@@ -97,7 +96,7 @@ def bench_jax(what: str, model: str, batch_size: int, dtype: str, steps: int, wa
         holder = [state]
 
         def run():
-            holder[0], metrics = compiled(holder[0], batch)
+            holder[0], _ = compiled(holder[0], batch)
             return holder[0].step
     else:
         batch = parallel.to_global(_synthetic(batch_size, image_size, num_classes), mesh)

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxres.errors import ConfigError

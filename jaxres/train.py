@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import math
 import signal
-import time
 from typing import Any, Callable
 
 import flax
@@ -31,7 +30,7 @@ from jaxres import checkpoint as ckpt_lib
 from jaxres import metrics as metrics_lib
 from jaxres import models, optim, parallel
 from jaxres.data import pipeline, sources, transforms
-from jaxres.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from jaxres.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 
 @flax.struct.dataclass
