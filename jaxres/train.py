@@ -216,25 +216,15 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
             f"{config.dataset.num_classes}; set --config.dataset.num_classes={found}."
         )
     if config.dataset.train_limit:
-        train_source = _Limited(train_source, config.dataset.train_limit)
+        train_source = _limited(train_source, config.dataset.train_limit)
     if config.dataset.val_limit:
-        val_source = _Limited(val_source, config.dataset.val_limit)
+        val_source = _limited(val_source, config.dataset.val_limit)
     return train_source, val_source
 
 
-class _Limited:
+def _limited(source: Any, limit: int) -> sources.Subset:
     """A fixed random subset of `limit` records (smoke runs); sources are often sorted by class."""
-
-    def __init__(self, source: Any, limit: int):
-        self._source = source
-        self._indices = np.sort(np.random.default_rng(0).permutation(len(source))[:limit])
-        self.class_names = source.class_names
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._source[int(self._indices[index])]
+    return sources.Subset(source, np.sort(np.random.default_rng(0).permutation(len(source))[:limit]))
 
 
 class Preemption:

@@ -445,17 +445,6 @@ def prepare_indoor67(
     return out
 
 
-class _Subset:
-    def __init__(self, source: Any, indices: np.ndarray):
-        self._source, self._indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._source[int(self._indices[index])]
-
-
 def prepare_imagefolder(
     manual_dir: str | os.PathLike,
     data_dir: str | os.PathLike | None,
@@ -481,8 +470,8 @@ def prepare_imagefolder(
     if val_fraction > 0:
         is_val = splits_lib.stratified_split(labels, val_fraction, seed)
         parts = {
-            "train": _Subset(folder, np.flatnonzero(~is_val)),
-            "val": _Subset(folder, np.flatnonzero(is_val)),
+            "train": sources.Subset(folder, np.flatnonzero(~is_val)),
+            "val": sources.Subset(folder, np.flatnonzero(is_val)),
         }
     elif (manual_dir / "train.txt").is_file():
         parts = {

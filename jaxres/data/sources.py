@@ -297,6 +297,20 @@ def _image_folder(
     return ImageFolderSource(root / split, classes)
 
 
+class Subset:
+    """Records `indices` of `source`, in that order; keeps the source's `class_names`."""
+
+    def __init__(self, source: Any, indices: Sequence[int]):
+        self._source, self._indices = source, np.asarray(indices)
+        self.class_names = getattr(source, "class_names", None)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._source[int(self._indices[index])]
+
+
 def open_source(
     dataset: ml_collections.ConfigDict, split: str
 ) -> ImageFolderSource | ListFileSource | ArrayRecordSource | TfdsSource:
