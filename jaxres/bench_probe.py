@@ -279,20 +279,29 @@ def _time_batches(run: Callable[[], Any], batch: int, steps: int, warmup: int) -
 
 
 def jax_features_speed(model_name: str, batch: int, size: int, steps: int, warmup: int) -> float:
-    """img/s of jaxres's jitted pre_logits forward pass (float32, uint8 input normalised on device)."""
-    from jaxres import models
-    from jaxres.evaluate import ModelSpec
+    """img/s of `jaxres.features.FeatureExtractor`'s jitted pre_logits pass over every device.
 
+    float32, uint8 input normalised on device, the batch sharded over the mesh, exactly
+    as `scripts/linear_probe.py` runs it (on CPU, one device per core: see
+    `parallel.use_one_cpu_device_per_core`).
+    """
+    from jaxres import config_base, models, parallel
+    from jaxres.evaluate import Member
+    from jaxres.features import FeatureExtractor
+
+    config = config_base.base_config()
+    config.model.name, config.dataset.image_size = model_name, size
     model = models.create_model(model_name, num_classes=1000, dtype="float32")
     variables = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0), jnp.zeros((1, size, size, 3))
     )
-    spec = ModelSpec(model, (124.0, 116.0, 104.0), (58.0, 57.0, 57.0))
-    fn = jax.jit(lambda v, x: spec.apply(v, x)[1]["pre_logits"])
-    images = jnp.asarray(
-        np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
+    extractor = FeatureExtractor(Member("", 0, config, model, jax.device_get(variables)))
+    images = parallel.place(
+        np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8),
+        parallel.batch_sharding(extractor.mesh),
     )
-    return _time_batches(lambda: fn(variables, images).block_until_ready(), batch, steps, warmup)
+    run = lambda: extractor.fn(extractor.variables, images).block_until_ready()  # noqa: E731
+    return _time_batches(run, batch, steps, warmup)
 
 
 def torch_features_speed(batch: int, size: int, steps: int, warmup: int, threads: int) -> float:
@@ -343,6 +352,7 @@ def run_feature_benchmark(
         "image_size": image_size,
         "steps": steps,
         "threads": threads,
+        "jax_devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "load_before": machine_load(),
     }
     runs = {

@@ -52,7 +52,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     if not flags.FLAGS["verbosity"].present:
         # orbax and grain log every save and worker at INFO; --verbosity=0 brings them back.
         absl_logging.set_verbosity(absl_logging.WARNING)
+    if not _multi_process_requested():
+        from jaxres import parallel
+
+        parallel.use_one_cpu_device_per_core()
     return remaining
+
+
+def _multi_process_requested() -> bool:
+    f = flags.FLAGS
+    return ("multihost" in f and f.multihost) or ("coordinator_address" in f and f.coordinator_address is not None)
 
 
 def _flag_error_message(argv: list[str], error: Exception) -> str:

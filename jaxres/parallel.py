@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
@@ -19,6 +20,34 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxres.errors import ConfigError
 
 DATA_AXIS = "data"
+# More CPU devices than this would force every batch size to divide by a large count.
+MAX_CPU_DEVICES = 8
+
+
+def use_one_cpu_device_per_core(max_devices: int = MAX_CPU_DEVICES) -> int | None:
+    """Splits the host CPU into one XLA device per core (at most `max_devices`).
+
+    One XLA:CPU program keeps only about 1.5 of 2 cores busy; the same program
+    data-parallel over one device per core keeps both busy (measured on 2 cores:
+    ResNet-50 features 23 -> 30 img/s, ResNetV2-50 training 3.3 -> 4.2 img/s).
+    It only changes the CPU backend, so GPU hosts are unaffected. Leaves an
+    explicit choice alone (`JAX_NUM_CPU_DEVICES`, or XLA_FLAGS
+    `--xla_force_host_platform_device_count`) and does nothing once a backend
+    has started. Must run before the first JAX computation.
+
+    Returns:
+      The number of CPU devices set, or None if it left the setting alone.
+    """
+    if "JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        return None
+    count = max(1, min(len(os.sched_getaffinity(0)), max_devices))
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # A backend is already running: too late, keep what it has.
+        return None
+    return count
 
 
 def initialize_distributed(
@@ -82,7 +111,8 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size
         raise ConfigError(
             f"config.{name}={global_batch_size} is not divisible by the {num_devices} devices "
             f"({num_processes} process(es)); use a multiple of {num_devices}, "
-            f"e.g. --config.{name}={max(1, round(global_batch_size / num_devices)) * num_devices}."
+            f"e.g. --config.{name}={max(1, round(global_batch_size / num_devices)) * num_devices}"
+            + (" (or set JAX_NUM_CPU_DEVICES)." if mesh.devices.flat[0].platform == "cpu" else ".")
         )
     return global_batch_size // num_processes
 

@@ -124,3 +124,32 @@ def test_user_errors_are_one_line(data_dir, tmp_path, flag, message):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("jaxres error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+
+
+_DEVICES_AFTER_FLAGS = (
+    "from jaxres import cli; cli.parse_flags(['prog']); import jax; print(jax.device_count())"
+)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, min(len(os.sched_getaffinity(0)), 8)),
+        ({"JAX_NUM_CPU_DEVICES": "3"}, 3),
+        ({"XLA_FLAGS": "--xla_force_host_platform_device_count=5"}, 5),
+    ],
+)
+def test_scripts_use_one_cpu_device_per_core_unless_told(env, expected):
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    result = _run([sys.executable, "-c", _DEVICES_AFTER_FLAGS], dict(clean, JAX_PLATFORMS="cpu", **env))
+    assert int(result.stdout.split()[-1]) == expected
+
+
+def test_cpu_split_is_skipped_once_a_backend_runs():
+    code = (
+        "import jax; jax.devices(); from jaxres import parallel;"
+        "print(parallel.use_one_cpu_device_per_core(), jax.device_count())"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    result = _run([sys.executable, "-c", code], dict(clean, JAX_PLATFORMS="cpu"))
+    assert result.stdout.split()[-2:] == ["None", "1"]
