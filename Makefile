@@ -18,10 +18,10 @@ $(CORE): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# + TensorFlow (dataset preparation through tfds) and torch / timm / Keras
-# (weight-import parity): the test suite exercises both.
+# + TensorFlow (dataset preparation through tfds), torch / timm / Keras
+# (weight-import parity) and DALI (its decoder runs on the CPU too): the test suite exercises all.
 $(FULL): $(CORE)
-	$(PY) -m pip install -q -e '.[dev,prepare,convert]'
+	$(PY) -m pip install -q -e '.[dev,prepare,convert,dali]'
 	touch $@
 
 # Train on the embedded digits dataset, evaluate the best checkpoint, run a

@@ -16,7 +16,8 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,7 +31,8 @@ def device_name() -> str:
     """E.g. "NVIDIA H100 80GB HBM3", or "cpu: <processor> x N cores" (marked as CPU)."""
     device = jax.devices()[0]
     if device.platform == "cpu":
-        return f"cpu: {platform.processor() or platform.machine()} x {os.cpu_count()} cores"
+        cpu = f"cpu: {platform.processor() or platform.machine()} x {os.cpu_count()} cores"
+        return f"{cpu}, {jax.device_count()} jax devices" if jax.device_count() > 1 else cpu
     return device.device_kind
 
 
@@ -158,7 +160,8 @@ def render_markdown(path: str = RESULTS) -> str:
 
 
 def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, num_workers: int,
-              dataset: str = "", data_dir: str = "", image_size: int = 224) -> dict[str, Any]:
+              dataset: str = "", data_dir: str = "", image_size: int = 224,
+              decoder: str = "cpu") -> dict[str, Any]:
     """Training from JPEG records through the grain pipeline vs the same step on synthetic data.
 
     With no `dataset`, 1,024 ImageNet-like JPEGs (500x375, q90) are written as
@@ -171,6 +174,7 @@ def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, 
 
     config = _config(model, batch_size, dtype, image_size, 1000)
     config.dataset.num_workers = num_workers
+    config.dataset.decoder = decoder
     if dataset:
         config.dataset.name, config.dataset.data_dir = dataset, data_dir
         source = sources.open_source(config.dataset, config.dataset.train_split)
@@ -201,7 +205,8 @@ def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, 
     jax.block_until_ready(last)
     e2e_step = (time.perf_counter() - start) / steps
     row = _row("e2e", "jax", model, batch_size, dtype, [e2e_step], 0.0,
-               num_workers=num_workers, dataset=dataset or "synthetic JPEG records (500x375 q90)")
+               num_workers=num_workers, decoder=decoder,
+               dataset=dataset or "synthetic JPEG records (500x375 q90)")
     row["synthetic_img_per_sec"] = batch_size / statistics.median(synthetic_times)
     row["e2e_over_synthetic"] = row["img_per_sec"] / row["synthetic_img_per_sec"]
     return row

@@ -300,7 +300,7 @@ def jax_features_speed(model_name: str, batch: int, size: int, steps: int, warmu
         np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8),
         parallel.batch_sharding(extractor.mesh),
     )
-    run = lambda: extractor.fn(extractor.variables, images).block_until_ready()  # noqa: E731
+    run = lambda: extractor.fn(extractor.variables, images).block_until_ready()
     return _time_batches(run, batch, steps, warmup)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from absl import flags
 from absl import logging as absl_logging

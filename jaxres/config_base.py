@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.decode_reduced = True  # Decode JPEGs at 1/2, 1/4, 1/8 size when the crop still covers the output.
     c.dataset.mean = IMAGENET_MEAN
     c.dataset.std = IMAGENET_STD
+    # "cpu": decode + augment in the grain workers. "dali": the workers only draw the crops,
+    # NVIDIA DALI decodes them (on the GPU when there is one); extra [dali].
+    c.dataset.decoder = "cpu"
     c.dataset.num_workers = 8  # grain worker processes per host (0 = in-process).
     c.dataset.train_limit = 0  # Use only the first N train / val examples (0 = all): smoke runs.
     c.dataset.val_limit = 0

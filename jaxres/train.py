@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import math
 import signal
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -29,8 +30,8 @@ from jax.experimental import multihost_utils
 from jaxres import checkpoint as ckpt_lib
 from jaxres import metrics as metrics_lib
 from jaxres import models, optim, parallel
-from jaxres.data import pipeline, sources, transforms
-from jaxres.errors import CheckpointError, ConfigError, NonFiniteLossError
+from jaxres.data import dali, pipeline, sources, transforms
+from jaxres.errors import CheckpointError, ConfigError, NonFiniteLossError, unknown_name
 
 
 @flax.struct.dataclass
@@ -152,16 +153,7 @@ def evaluate(
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
     """top-1 / top-5 / loss over the whole split (padded + masked: every example counts)."""
-    batches = pipeline.eval_batches(
-        source,
-        transforms.EvalTransform(
-            config.dataset.image_size, config.dataset.eval_crop_ratio, config.dataset.decode_reduced
-        ),
-        global_batch_size=config.eval_batch_size,
-        num_workers=config.dataset.num_workers,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    batches = host_batches(config, source, config.eval_batch_size, train=False)
     total = None
     num_batches = pipeline.num_eval_batches(len(source), config.eval_batch_size)
     for _, batch in zip(range(num_batches), parallel.prefetch_to_device(batches, mesh)):
@@ -356,25 +348,45 @@ def _lookup(tree: Any, path: tuple) -> Any:
     return tree
 
 
+def host_batches(
+    config: ml_collections.ConfigDict, source: Any, global_batch_size: int, *, train: bool, start: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's decoded uint8 batches of `source`: train (endless, from batch `start`) or eval (padded).
+
+    `config.dataset.decoder`: "cpu" decodes in the grain workers; "dali" has them only
+    draw the crops, and DALI decodes (`jaxres.data.dali`).
+    """
+    d = config.dataset
+    use_dali = d.decoder == "dali"
+    common = {
+        "global_batch_size": global_batch_size,
+        "num_workers": d.num_workers,
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "batch_fn": dali.collate if use_dali else None,
+    }
+    if train:
+        if use_dali:
+            transform = dali.TrainCrops(d.crop_min_area, d.flip)
+        else:
+            transform = transforms.TrainTransform(
+                d.image_size, d.crop_min_area, d.flip, d.color_jitter, decode_reduced=d.decode_reduced
+            )
+        batches = pipeline.train_batches(source, transform, seed=config.seed, start=start, **common)
+    else:
+        if use_dali:
+            transform = dali.EvalCrops(d.eval_crop_ratio)
+        else:
+            transform = transforms.EvalTransform(d.image_size, d.eval_crop_ratio, d.decode_reduced)
+        batches = pipeline.eval_batches(source, transform, **common)
+    if use_dali:
+        return dali.decode_batches(batches, d.image_size, global_batch_size // jax.process_count())
+    return batches
+
+
 def _micro_batches(config: ml_collections.ConfigDict, source: Any, start: int) -> Any:
     """This process's training micro-batches, grouped [A, B_local, ...] per step."""
-    micro_global = config.batch_size // config.grad_accum_steps
-    batches = pipeline.train_batches(
-        source,
-        transforms.TrainTransform(
-            config.dataset.image_size,
-            config.dataset.crop_min_area,
-            config.dataset.flip,
-            color_jitter=config.dataset.color_jitter,
-            decode_reduced=config.dataset.decode_reduced,
-        ),
-        global_batch_size=micro_global,
-        seed=config.seed,
-        start=start,
-        num_workers=config.dataset.num_workers,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    batches = host_batches(config, source, config.batch_size // config.grad_accum_steps, train=True, start=start)
     while True:
         group = [next(batches) for _ in range(config.grad_accum_steps)]
         yield jax.tree.map(lambda *x: np.stack(x), *group)
@@ -395,6 +407,15 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
             "head of a fresh model; set --config.init_from=RUN (fine-tuning) or "
             "--config.optimizer.head_only_steps=0."
         )
+    if config.dataset.decoder not in dali.DECODERS:
+        raise ConfigError(unknown_name("config.dataset.decoder", config.dataset.decoder, dali.DECODERS))
+    if config.dataset.decoder == "dali":
+        dali.check_available()
+        if config.dataset.color_jitter:
+            raise ConfigError(
+                "config.dataset.color_jitter runs only on the CPU decoder; set "
+                "--config.dataset.decoder=cpu or --config.dataset.color_jitter=0."
+            )
     create_model(config)  # Unknown model names / fields fail here, before data loading.
 
 

@@ -36,6 +36,7 @@ flags.DEFINE_integer("repeats", 3, "input: timed passes per figure (best kept)."
 flags.DEFINE_bool("tf", None, "input: include tf.data rows (default: when TensorFlow is installed).")
 flags.DEFINE_bool("sweep", True, "probe: also time the whole Caltech-101 protocol sweep (minutes).")
 flags.DEFINE_integer("num_workers", 8, "e2e: grain worker processes.")
+flags.DEFINE_enum("decoder", "cpu", ["cpu", "dali"], "e2e: config.dataset.decoder (dali: extra [dali]).")
 flags.DEFINE_string("dataset", "", "e2e: a prepared dataset name (default: synthetic JPEG records).")
 flags.DEFINE_string("data_dir", "", "e2e: its data_dir.")
 flags.DEFINE_string("output", None, "input / probe / features: also write the JSON results here.")
@@ -46,7 +47,7 @@ def _throughput(f) -> None:
 
     if f.what == "e2e":
         row = bench.bench_e2e(f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.num_workers,
-                              f.dataset, f.data_dir, f.image_size)
+                              f.dataset, f.data_dir, f.image_size, f.decoder)
     elif f.framework == "jax":
         row = bench.bench_jax(f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.image_size)
     else:

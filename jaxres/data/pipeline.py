@@ -27,20 +27,27 @@ that starts them needs the usual `if __name__ == "__main__":` guard.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 from absl import flags
 
+# Examples -> one batch; grain's default stacks every field.
+BatchFn = Callable[[Sequence[Any]], Any]
+
 
 def _process_rows(
-    ds: grain.MapDataset, global_batch_size: int, process_index: int, process_count: int
+    ds: grain.MapDataset,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    batch_fn: BatchFn | None = None,
 ) -> grain.MapDataset:
     """Batches of this process's rows of each global batch."""
     local = global_batch_size // process_count
-    return ds.batch(local, drop_remainder=True)[process_index::process_count]
+    return ds.batch(local, drop_remainder=True, batch_fn=batch_fn)[process_index::process_count]
 
 
 def _iterate(ds: grain.MapDataset, num_workers: int) -> Iterator[Any]:
@@ -61,11 +68,12 @@ def train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    batch_fn: BatchFn | None = None,
 ) -> grain.MapDataset:
     """An endless, random-access dataset of this process's training batches."""
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     ds = ds.random_map(transform, seed=seed + 1)
-    return _process_rows(ds, global_batch_size, process_index, process_count)
+    return _process_rows(ds, global_batch_size, process_index, process_count, batch_fn)
 
 
 def train_batches(
@@ -78,6 +86,7 @@ def train_batches(
     num_workers: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    batch_fn: BatchFn | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's training batches from batch index `start` on (endless)."""
     ds = train_dataset(
@@ -87,6 +96,7 @@ def train_batches(
         seed=seed,
         process_index=process_index,
         process_count=process_count,
+        batch_fn=batch_fn,
     )
     return _iterate(ds[start:], num_workers)
 
@@ -135,8 +145,10 @@ def eval_batches(
     num_workers: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    batch_fn: BatchFn | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's evaluation batches, padded and masked: every example counts once."""
     padded_len = num_eval_batches(len(source), global_batch_size) * global_batch_size
     ds = grain.MapDataset.source(_Padded(source, padded_len)).map(_MaskPadding(transform))
-    return _iterate(_process_rows(ds, global_batch_size, process_index, process_count), num_workers)
+    ds = _process_rows(ds, global_batch_size, process_index, process_count, batch_fn)
+    return _iterate(ds, num_workers)

@@ -185,11 +185,25 @@ def _decode_whole(
     return array, _scaled_box(box, (width, height), array)
 
 
+def image_size(image_bytes: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone; raises on bytes no decoder can read."""
+    if image_bytes[:2] == b"\xff\xd8":
+        found = jpeg_crop.header(image_bytes) if jpeg_crop.available() else None
+        if found is not None:
+            return found[0], found[1]
+    return Image.open(io.BytesIO(image_bytes)).size
+
+
+def pixel_window(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """The whole pixels (x0, y0, x1, y1) a crop `box` covers in a `width` x `height` image (>= 1 px)."""
+    left, top, w, h = box
+    x0, y0 = min(round(left), width - 1), min(round(top), height - 1)
+    return x0, y0, max(x0 + 1, round(left + w)), max(y0 + 1, round(top + h))
+
+
 def crop_resize(array: np.ndarray, box: Box, size: tuple[int, int]) -> np.ndarray:
     """The `box` of `array` resized to `size` (w, h): bilinear, antialiased only when shrinking >= 2x."""
-    left, top, w, h = box
-    x0, y0 = min(round(left), array.shape[1] - 1), min(round(top), array.shape[0] - 1)
-    x1, y1 = max(x0 + 1, round(left + w)), max(y0 + 1, round(top + h))
+    x0, y0, x1, y1 = pixel_window(box, array.shape[1], array.shape[0])
     if cv2 is not None:
         crop = array[y0:y1, x0:x1]
         shrink = min(crop.shape[1] / size[0], crop.shape[0] / size[1])
@@ -304,7 +318,7 @@ class TrainTransform:
                 self.decode_reduced,
             )
         except Exception as e:  # noqa: BLE001 - any undecodable file is skipped, not fatal.
-            return _skipped(record, (self.image_size, self.image_size, 3), e)
+            return skipped(record, (self.image_size, self.image_size, 3), e)
         image = crop_resize(array, box, size)
         if self.flip and rng.random() < 0.5:
             image = flip_left_right(image)
@@ -339,7 +353,7 @@ class EvalTransform:
                 self.decode_reduced,
             )
         except Exception as e:  # noqa: BLE001
-            return _skipped(record, (self.image_size, self.image_size, 3), e)
+            return skipped(record, (self.image_size, self.image_size, 3), e)
         image = crop_resize(array, box, size)
         return {"image": image, "label": np.int32(record["label"]), "mask": np.float32(1)}
 
@@ -370,7 +384,7 @@ class TenCropTransform:
                 self.decode_reduced,
             )
         except Exception as e:  # noqa: BLE001
-            return _skipped(record, (10, s, s, 3), e)
+            return skipped(record, (10, s, s, 3), e)
         full = (array.shape[1], array.shape[0])
         image = crop_resize(array, box, shorter_side_size(*full, r))
         h, w = image.shape[:2]
@@ -380,7 +394,7 @@ class TenCropTransform:
         return {"image": np.stack(crops), "label": np.int32(record["label"]), "mask": np.float32(1)}
 
 
-def _skipped(
+def skipped(
     record: dict[str, Any], shape: int | tuple[int, ...], error: Exception
 ) -> dict[str, Any]:
     """A black, masked example for an undecodable record (`shape`: an image side or a full shape)."""
