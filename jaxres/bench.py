@@ -27,12 +27,13 @@ from jaxres import config_base, optim, parallel, train
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results.jsonl")
 
 
-def device_name() -> str:
-    """E.g. "NVIDIA H100 80GB HBM3", or "cpu: <processor> x N cores" (marked as CPU)."""
+def device_name(framework: str = "jax") -> str:
+    """E.g. "NVIDIA H100 80GB HBM3", or "cpu: <processor> x N cores[, M jax devices]" (marked as CPU)."""
     device = jax.devices()[0]
     if device.platform == "cpu":
         cpu = f"cpu: {platform.processor() or platform.machine()} x {os.cpu_count()} cores"
-        return f"{cpu}, {jax.device_count()} jax devices" if jax.device_count() > 1 else cpu
+        split = framework == "jax" and jax.device_count() > 1
+        return f"{cpu}, {jax.device_count()} jax devices" if split else cpu
     return device.device_kind
 
 
@@ -120,7 +121,7 @@ def _row(what, framework, model, batch_size, dtype, times, compile_s, **extra) -
         "what": what,
         "framework": framework,
         "model": model,
-        "device": device_name(),
+        "device": device_name(framework),
         "batch_size": batch_size,
         "dtype": dtype,
         "img_per_sec": batch_size / median,
@@ -132,6 +133,7 @@ def _row(what, framework, model, batch_size, dtype, times, compile_s, **extra) -
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         **extra,
     }
 
@@ -140,6 +142,12 @@ def append_result(row: dict[str, Any], path: str = RESULTS) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def _shown_command(row: dict[str, Any]) -> str:
+    """The command as typed, prefixed by the XLA_FLAGS it ran under."""
+    flags = row.get("xla_flags", "").strip()
+    return f"XLA_FLAGS='{flags}' {row['command']}" if flags else row["command"]
 
 
 def render_markdown(path: str = RESULTS) -> str:
@@ -154,7 +162,7 @@ def render_markdown(path: str = RESULTS) -> str:
         lines.append(
             f"| {r['date']} | {r['what']} | {r.get('framework', 'jax')} | {r['model']} | {r['device']} | "
             f"{r['batch_size']} | {r['dtype']} | {r['img_per_sec']:,.1f} | {r.get('compile_s', 0):.1f} | "
-            f"{r.get('peak_mem_gb', 0):.2f} | `{r['command']}` |"
+            f"{r.get('peak_mem_gb', 0):.2f} | `{_shown_command(r)}` |"
         )
     return "\n".join(lines)
 

@@ -40,7 +40,7 @@ from jaxres import parallel
 from jaxres.config_base import base_config
 from jaxres.data import pipeline, sources, transforms
 from jaxres.errors import CheckpointError, ConfigError, unknown_name
-from jaxres.metrics import log_line
+from jaxres.metrics import log_line, masked_eval_sums
 
 VIEWS = {"center": 1, "flip": 2, "10crop": 10}
 CROPS_TO_VIEWS = {1: "center", 10: "10crop"}
@@ -210,24 +210,14 @@ def _ensemble_probs(
 
 
 def _eval_sums(
-    variables: tuple, batch: dict[str, jax.Array], *, specs: tuple[ModelSpec, ...], num_classes: int
+    variables: tuple, batch: dict[str, jax.Array], *, specs: tuple[ModelSpec, ...]
 ) -> dict:
     """Masked sums over a batch, from the averaged probabilities (so loss = ensemble NLL)."""
     probs = _ensemble_probs(variables, batch["image"], specs=specs)
-    labels, mask = batch["label"], batch["mask"]
+    labels = batch["label"]
     p_true = jnp.take_along_axis(probs, labels[:, None], axis=1)[:, 0]
     loss = -jnp.log(jnp.maximum(p_true, 1e-12))
-    top5 = jax.lax.top_k(probs, min(5, num_classes))[1]
-    correct1 = (top5[:, 0] == labels) * mask
-    in_class = jax.nn.one_hot(labels, num_classes) * mask[:, None]
-    return {
-        "count": mask.sum(),
-        "correct1": correct1.sum(),
-        "correct5": ((top5 == labels[:, None]).any(-1) * mask).sum(),
-        "loss_sum": (loss * mask).sum(),
-        "class_count": in_class.sum(0),
-        "class_correct": (in_class * correct1[:, None]).sum(0),
-    }
+    return masked_eval_sums(probs, labels, batch["mask"], loss, per_class=True)
 
 
 class Ensemble:
@@ -256,7 +246,7 @@ class Ensemble:
             out_shardings=data,
         )
         self.sums_fn = jax.jit(
-            functools.partial(_eval_sums, specs=specs, num_classes=self.num_classes),
+            functools.partial(_eval_sums, specs=specs),
             in_shardings=(replicated, {"image": data, "label": data, "mask": data}),
             out_shardings=replicated,
         )

@@ -30,6 +30,35 @@ class TrainMetrics(clu_metrics.Collection):
     finite: clu_metrics.Average.from_output("finite")
 
 
+def masked_eval_sums(scores: jax.Array, labels: jax.Array, mask: jax.Array, loss: jax.Array,
+                     per_class: bool = False) -> dict[str, jax.Array]:
+    """Sums over the real rows of an evaluation batch (mask 1; padding rows have mask 0).
+
+    Args:
+      scores: [B, C] logits or probabilities (only their order matters).
+      labels: [B] int labels.
+      mask: [B] 1.0 for real examples, 0.0 for padding.
+      loss: [B] per-example loss.
+      per_class: also `class_count` / `class_correct` ([C] each), for mean per-class accuracy.
+
+    Returns:
+      `count`, `correct1`, `correct5` and `loss_sum` (plus the per-class sums).
+    """
+    top5 = jax.lax.top_k(scores, min(5, scores.shape[-1]))[1]
+    correct1 = (top5[:, 0] == labels) * mask
+    sums = {
+        "count": mask.sum(),
+        "correct1": correct1.sum(),
+        "correct5": ((top5 == labels[:, None]).any(-1) * mask).sum(),
+        "loss_sum": (loss * mask).sum(),
+    }
+    if per_class:
+        in_class = jax.nn.one_hot(labels, scores.shape[-1]) * mask[:, None]
+        sums["class_count"] = in_class.sum(0)
+        sums["class_correct"] = (in_class * correct1[:, None]).sum(0)
+    return sums
+
+
 class MetricWriter:
     """Writes `metrics.jsonl`, TensorBoard events under `tb/` and `config.json`."""
 

@@ -128,15 +128,8 @@ def eval_step(
     images = normalize(batch["image"], config.dataset.mean, config.dataset.std)
     logits, _ = model.apply(variables, images, train=False)
     logits = logits.astype(jnp.float32)
-    mask = batch["mask"]
     loss = cross_entropy(logits, batch["label"], config.dataset.num_classes, 0.0)
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    return {
-        "count": mask.sum(),
-        "correct1": ((top5[:, 0] == batch["label"]) * mask).sum(),
-        "correct5": ((top5 == batch["label"][:, None]).any(-1) * mask).sum(),
-        "loss_sum": (loss * mask).sum(),
-    }
+    return metrics_lib.masked_eval_sums(logits, batch["label"], batch["mask"], loss)
 
 
 def eval_variables(state: TrainState, config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -54,14 +54,14 @@ _PLACEHOLDER = _placeholder_jpeg()
 
 def _spec(record: dict[str, Any], box: transforms.Box | None, flip: bool, size: tuple[int, int]) -> dict:
     if box is None:
-        jpeg, window, mask, label = _PLACEHOLDER, (0, 0, 8, 8), 0.0, 0
+        jpeg, box, mask, label = _PLACEHOLDER, (0, 0, 8, 8), 0.0, 0
     else:
-        jpeg, window, mask, label = np.frombuffer(record["image"], np.uint8), box, 1.0, record["label"]
-        window = transforms.pixel_window(box, *size)
-    x0, y0, x1, y1 = window
+        jpeg, mask, label = np.frombuffer(record["image"], np.uint8), 1.0, record["label"]
+    x0, y0, x1, y1 = transforms.pixel_window(box, *size)
     return {
         "jpeg": jpeg,
-        "window": np.asarray([x0, y0, x1 - x0, y1 - y0], np.int32),
+        "box": np.asarray(box, np.float64),  # Exact, for the CPU fallback.
+        "window": np.asarray([x0, y0, x1 - x0, y1 - y0], np.int32),  # Whole pixels, for DALI.
         "flip": np.int32(flip),
         "key": str(record.get("key", "?")),
         "label": np.int32(label),
@@ -107,7 +107,7 @@ class EvalCrops:
 
 def collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """grain `batch_fn`: stacks every field but the variable-length JPEG bytes and keys (lists)."""
-    batch = {k: np.stack([e[k] for e in examples]) for k in ("window", "flip", "label", "mask")}
+    batch = {k: np.stack([e[k] for e in examples]) for k in ("box", "window", "flip", "label", "mask")}
     batch["jpeg"] = [e["jpeg"] for e in examples]
     batch["key"] = [e["key"] for e in examples]
     return batch
@@ -185,11 +185,11 @@ class DaliDecoder:
         """The same crops through the CPU decoder; what it cannot decode either is masked."""
         size = (self.image_size, self.image_size)
         images, masks = [], batch["mask"].copy()
-        for i, (jpeg, window, flip) in enumerate(zip(batch["jpeg"], batch["window"], batch["flip"])):
+        for i, (jpeg, crop, flip) in enumerate(zip(batch["jpeg"], batch["box"], batch["flip"])):
             record = {"image": jpeg.tobytes(), "key": batch["key"][i], "label": batch["label"][i]}
             try:
                 array, box = transforms.decode_for_crop(
-                    record["image"], lambda w, h, b=tuple(window): b, lambda box: size, record["key"]
+                    record["image"], lambda w, h, b=tuple(crop): b, lambda box: size, record["key"]
                 )
                 image = transforms.crop_resize(array, box, size)
                 images.append(transforms.flip_left_right(image) if flip else image)
