@@ -185,7 +185,7 @@ def protocol_sweep(
     l2s = list(probe.LOGISTIC_L2S if method == "logistic" else probe.RIDGE_L2S)
     config = protocols.base_transfer_config().probe
     config.tol = tol
-    mesh = parallel.make_mesh()
+    mesh = probe.fit_mesh()
     start, rows = time.perf_counter(), []
     for trial in trials:
         train, test = (x[trial.train], y[trial.train]), (x[trial.test], y[trial.test])
@@ -285,7 +285,7 @@ def jax_features_speed(model_name: str, batch: int, size: int, steps: int, warmu
     as `scripts/linear_probe.py` runs it (on CPU, one device per core: see
     `parallel.use_one_cpu_device_per_core`).
     """
-    from jaxres import config_base, models, parallel
+    from jaxres import config_base, models
     from jaxres.evaluate import Member
     from jaxres.features import FeatureExtractor
 

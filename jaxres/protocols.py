@@ -330,7 +330,7 @@ def run_protocol(
     Args:
       config: a config from configs/transfer/ (keys: `base_transfer_config()`).
       workdir: where results and (by default) the feature cache go.
-      mesh: default: every device.
+      mesh: of the feature extraction (default: every device); probes fit on `probe.fit_mesh(mesh)`.
 
     Returns:
       The results dict written to `workdir/results.json`.
@@ -361,7 +361,7 @@ def run_protocol(
                 (train_x[trial.train], train_y[trial.train]),
                 (test_x[trial.test], test_y[trial.test]),
                 len(names),
-                mesh,
+                probe.fit_mesh(mesh),
             )
             row.update(
                 method=method,
@@ -507,7 +507,7 @@ def demo_probe(
         (train_x, train_y),
         (test_x, test_y),
         len(names),
-        parallel.make_mesh(),
+        probe.fit_mesh(),
     )
     return {
         "what": f"linear probe ({method}, pre_logits, {len(train_y)} train)",

@@ -169,6 +169,8 @@ def test_row_sharded_fit_equals_single_device_fit(cls):
     assert xs.shape[0] == 104 and float(mask.sum()) == 102
     assert len(xs.sharding.device_set) == 8
     sharded = cls().fit(xs, y, mask)
+    # Host arrays go to `fit_mesh()`: on CPU one device (replicated work is not repeated per device).
+    assert probe.fit_mesh().devices.size == 1 and probe.fit_mesh(mesh).devices.size == 1
     single = cls().fit(x, y)
     assert sharded.l2_ == single.l2_
     xt, mt = probe.shard_rows(x_test, mesh)
