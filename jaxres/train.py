@@ -432,6 +432,27 @@ def make_step_fns(
     return step_fn, eval_fn
 
 
+def _schedule_and_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """The learning-rate schedule (logged) and the optimizer, with the head-only warm-up if asked."""
+    schedule = optim.make_schedule(config.optimizer, config.batch_size, steps_per_epoch, total_steps)
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    head_only = config.optimizer.head_only_steps
+    if head_only:  # The body's schedule starts when it unfreezes.
+        body_schedule = optim.make_schedule(config.optimizer, config.batch_size, steps_per_epoch, total_steps - head_only)
+        tx = optim.head_only_warmup(tx, optim.make_optimizer(config.optimizer, body_schedule), head_only)
+    return schedule, tx
+
+
+def _write_eval(writer: metrics_lib.MetricWriter, step: int, steps_per_epoch: int, eval_metrics: dict) -> None:
+    writer.write(step, dict(eval_metrics, epoch=step / steps_per_epoch))
+    metrics_lib.log_line(
+        f"eval step {step}: top1 {eval_metrics['val_top1']:.4f} top5 {eval_metrics['val_top5']:.4f} "
+        f"loss {eval_metrics['val_loss']:.4f} over {eval_metrics['val_count']} images"
+    )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
 ) -> TrainState:
@@ -450,12 +471,7 @@ def train_and_evaluate(
     eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
 
     model = create_model(config)
-    schedule = optim.make_schedule(config.optimizer, config.batch_size, steps_per_epoch, total_steps)
-    tx = optim.make_optimizer(config.optimizer, schedule)
-    head_only = config.optimizer.head_only_steps
-    if head_only:  # The body's schedule starts when it unfreezes.
-        body_schedule = optim.make_schedule(config.optimizer, config.batch_size, steps_per_epoch, total_steps - head_only)
-        tx = optim.head_only_warmup(tx, optim.make_optimizer(config.optimizer, body_schedule), head_only)
+    schedule, tx = _schedule_and_optimizer(config, steps_per_epoch, total_steps)
     step_fn, eval_fn = make_step_fns(config, model, tx, mesh)
 
     writer = metrics_lib.MetricWriter(workdir)
@@ -493,11 +509,7 @@ def train_and_evaluate(
                 pending, pending_from = None, step
             if step % eval_every == 0 or step == total_steps:
                 eval_metrics = evaluate(eval_variables(state, config), eval_fn, val_source, config, mesh)
-                writer.write(step, dict(eval_metrics, epoch=step / steps_per_epoch))
-                metrics_lib.log_line(
-                    f"eval step {step}: top1 {eval_metrics['val_top1']:.4f} top5 {eval_metrics['val_top5']:.4f} "
-                    f"loss {eval_metrics['val_loss']:.4f} over {eval_metrics['val_count']} images"
-                )
+                _write_eval(writer, step, steps_per_epoch, eval_metrics)
                 save(step, eval_metrics)
             elif step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
                 save(step)
