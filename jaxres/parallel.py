@@ -31,7 +31,7 @@ def use_one_cpu_device_per_core(max_devices: int = MAX_CPU_DEVICES) -> int | Non
 
     One XLA:CPU program keeps only about 1.5 of 2 cores busy; the same program
     data-parallel over one device per core keeps both busy (measured on 2 cores:
-    ResNet-50 features 23 -> 30 img/s, ResNetV2-50 training 3.3 -> 4.2 img/s).
+    ResNet-50 features 23 -> 31-33 img/s, ResNetV2-50 training 3.3-3.8 -> 4.2-4.5 img/s).
     It only changes the CPU backend, so GPU hosts are unaffected. Leaves an
     explicit choice alone (`JAX_NUM_CPU_DEVICES`, or XLA_FLAGS
     `--xla_force_host_platform_device_count`) and does nothing once a backend
