@@ -73,11 +73,15 @@ def test_unreadable_and_damaged_images_are_masked_not_fatal(caplog):
     records[2] = record(good[:200] + bytes(len(good) - 200), key="damaged.JPEG")  # Header, then zeros.
     specs = [dali.TrainCrops()(r, np.random.default_rng(i)) for i, r in enumerate(records)]
     assert specs[1]["mask"] == 0 and "garbage.JPEG" in caplog.text
-    out = dali.DaliDecoder(SIZE, 4, num_threads=1)(dali.collate(specs))
+    decoder = dali.DaliDecoder(SIZE, 4, num_threads=1)
+    out = decoder(dali.collate(specs))
     assert out["image"].shape == (4, SIZE, SIZE, 3)
     assert out["mask"][1] == 0 and out["mask"][0] == out["mask"][3] == 1
     cpu = transforms.TrainTransform(SIZE)(records[2], np.random.default_rng(2))
     assert out["mask"][2] == cpu["mask"]  # The damaged file gets the CPU decoder's verdict.
+    # The pipeline survives the failed batch: the next one decodes on DALI as before.
+    good, _ = _train_pair(_records(4))
+    np.testing.assert_array_equal(decoder(good)["image"], dali.DaliDecoder(SIZE, 4, num_threads=1)(good)["image"])
 
 
 def test_pipeline_batches_are_the_same_whatever_the_worker_count():

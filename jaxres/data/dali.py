@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -200,11 +201,15 @@ class DaliDecoder:
 
 
 def decode_batches(
-    batches: Iterator[dict[str, Any]], image_size: int, batch_size: int, num_threads: int = 4
+    batches: Iterator[dict[str, Any]], image_size: int, batch_size: int, num_threads: int | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Decodes an iterator of crop-spec batches; on the first local GPU when JAX has one."""
+    """Decodes an iterator of crop-spec batches; on the first local GPU when JAX has one.
+
+    `num_threads` (DALI's CPU threads) defaults to the host's cores, at most 8.
+    """
     import jax
 
+    num_threads = num_threads or min(8, os.cpu_count() or 1)
     gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
     decoder = DaliDecoder(image_size, batch_size, num_threads, gpus[0].local_hardware_id if gpus else None)
     for batch in batches:
