@@ -234,7 +234,6 @@ class Ensemble:
                         f"Ensemble members disagree on dataset.{key}: {self.members[0].run} has "
                         f"{first.dataset[key]}, {m.run} has {m.config.dataset[key]}; ensemble runs of one task."
                     )
-        self.num_classes = first.dataset.num_classes
         self.image_size = first.dataset.image_size
         self.crop_ratio = first.dataset.eval_crop_ratio
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
