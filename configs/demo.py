@@ -13,7 +13,7 @@ CPU devices the scripts now make; chance is 0.10).
 `configs/demo.py:smoke` is a seconds-long run on 256 images for tests.
 """
 
-from jaxres.config_base import base_config
+from jaxres.config_base import CACHE_DIR, base_config
 
 
 def get_config(arg: str = ""):
@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
     c.model.dtype = "float32"  # bf16 convolutions are slow on CPU.
 
     c.dataset.name = "digits"
-    c.dataset.data_dir = "~/.cache/jaxres"
+    c.dataset.data_dir = CACHE_DIR
     c.dataset.train_split = "train"
     c.dataset.val_split = "val"
     c.dataset.num_classes = 10

@@ -7,11 +7,14 @@ A checkpoint holds two items:
 * `meta` (JSON): the data-iterator position (next batch index), epoch, model
   name / class count / image size, the metrics of that step and the config.
 
-Where a run's starting point comes from, in this order (as big_vision does):
+Where a run's starting point comes from, in this order (as big_vision does;
+`jaxres.train.restore_or_init`):
 1. the newest checkpoint in `workdir/checkpoints` (resume, mid-epoch included);
-2. `config.init_from`: params and batch stats of another run (fine-tuning;
+2. `config.resume_from=RUN[:STEP]`: another run's whole state (branch a run);
+3. `config.init_from`: params and batch stats of another run (fine-tuning;
    a head of another shape is re-initialised);
-3. scratch.
+4. scratch.
+Reading a run at rest (its config, model and weights) is `jaxres.runs`.
 
 Two preservation policies are OR-ed: the latest `keep_latest` checkpoints and
 the best `keep_best` by `val_top1`, so a good old checkpoint never deletes the
@@ -148,14 +151,3 @@ def resolve_step(checkpointer: Checkpointer, which: str | int) -> int:
     if step not in steps:
         raise CheckpointError(f"No checkpoint at step {step} in {checkpointer.directory}; kept steps: {steps}.")
     return step
-
-
-def run_checkpoint_dir(run: str) -> str:
-    """`RUN` (a workdir) or `RUN/checkpoints` -> the orbax directory."""
-    run = os.path.expanduser(run)
-    candidate = os.path.join(run, "checkpoints")
-    if os.path.isdir(candidate):
-        return candidate
-    if os.path.isdir(run):
-        return run
-    raise CheckpointError(f"Run directory {run!r} does not exist; pass the --workdir of a training run.")

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from absl import flags
 from absl import logging as absl_logging
 
+from jaxres.config_base import CACHE_DIR
 from jaxres.errors import JaxresError
 
 # Executables that compiled faster than this are not worth a disk entry.
@@ -19,7 +20,7 @@ CACHE_MAX_BYTES = 4 * 2**30  # Least recently used entries go beyond this.
 
 flags.DEFINE_string(
     "compilation_cache",
-    os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "jaxres", "xla"),
+    os.path.join(CACHE_DIR, "xla"),
     "JAX's persistent compilation cache: a re-run loads its compiled steps instead of compiling "
     "them again. '' turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins.",
 )
@@ -54,11 +55,16 @@ def user_errors() -> Iterator[None]:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing that turns a bad `--config.key=value` into one clear line.
 
-    Pass as `app.run(main, flags_parser=cli.parse_flags)`.
+    Pass as `app.run(main, flags_parser=cli.parse_flags)`. `--help` prints the
+    script's docstring and every flag it takes (the shared ones of this module too).
     """
+    if any(arg in HELP_ARGS for arg in argv[1:]):
+        print_help()
+        sys.exit(0)
     try:
         remaining = flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        _load_config_files()
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         print(f"jaxres error: {_flag_error_message(argv, e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     if not flags.FLAGS["verbosity"].present:
@@ -70,6 +76,27 @@ def parse_flags(argv: list[str]) -> list[str]:
         parallel.use_one_cpu_device_per_core()
     use_compilation_cache(flags.FLAGS.compilation_cache)
     return remaining
+
+
+HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
+
+
+def print_help() -> None:
+    """The main script's docstring, then its flags and the shared ones (absl hides those)."""
+    main = sys.modules["__main__"]
+    print((main.__doc__ or "").strip() + "\n")
+    for module in (sys.argv[0], __name__):
+        text = flags.FLAGS.module_help(module)
+        if text:
+            print(text + "\n")
+    print("--config.KEY=VALUE overrides a config key; every key is listed in jaxres/config_base.py.")
+
+
+def _load_config_files() -> None:
+    """Loads `--config` files now: a missing file or a bad `:arg` fails here, as one line."""
+    for name in ("config",):
+        if name in flags.FLAGS and flags.FLAGS[name].present:
+            flags.FLAGS[name].value.keys  # noqa: B018 - a file that failed to load raises here.
 
 
 def use_compilation_cache(path: str) -> None:
@@ -88,8 +115,23 @@ def _multi_process_requested() -> bool:
     return ("multihost" in f and f.multihost) or ("coordinator_address" in f and f.coordinator_address is not None)
 
 
+def _config_arg(argv: list[str]) -> str:
+    """The value given to --config (`--config=X` or `--config X`)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
 def _flag_error_message(argv: list[str], error: Exception) -> str:
-    text = str(error).replace("\\'", "'").replace("\\n", " ").strip("\"'")
+    text = str(error)
+    if "Traceback (most recent call last)" in text or "No such file" in text:
+        # A config file that failed to load: its last line says why (the file's own error).
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        return f"--config={_config_arg(argv)}: {last}"
+    text = text.replace("\\'", "'").replace("\\n", " ").strip("\"'")
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue

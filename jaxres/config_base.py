@@ -6,7 +6,12 @@ is a bug, and an unknown `--config.key=value` on the command line is refused.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
+
+# Where jaxres keeps what it can rebuild: the embedded digits, the XLA compilation cache.
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "jaxres")
 
 # ImageNet channel statistics in uint8 units (applied on the device).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -71,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_epochs = 1
     c.keep_latest = 2
     c.keep_best = 1
+    # Another run's whole state (params, optimizer, step, data position): "RUN" or "RUN:STEP"
+    # (STEP: latest | best | a number), to resume or branch a run in a new workdir.
+    c.resume_from = ""
     c.init_from = ""  # Another run's workdir: start from its params (fine-tuning).
     c.init_fresh_head = False  # With init_from: a new head even when its shape matches.
     return c

@@ -31,10 +31,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         }
     )
 
-    from jaxres import protocols
+    from jaxres.transfer import runner
 
     start = time.time()
-    probe = protocols.demo_probe(workdir)
+    probe = runner.demo_probe(workdir)
     rows.append(dict(probe, seconds=time.time() - start))
     return rows
 

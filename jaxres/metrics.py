@@ -8,12 +8,14 @@ is not training (`val_top1`, `val_top5`, `val_loss`).
 
 import json
 import os
+import sys
 import time
-from typing import Any, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import flax
 import jax
-import ml_collections
+import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
@@ -59,8 +61,47 @@ def masked_eval_sums(scores: jax.Array, labels: jax.Array, mask: jax.Array, loss
     return sums
 
 
+def classification_sums(
+    log_probs: jax.Array, labels: jax.Array, mask: jax.Array, per_class: bool = False
+) -> dict[str, jax.Array]:
+    """`masked_eval_sums` with the loss every evaluation reports: -log p(true class).
+
+    `log_probs` are log-softmax of one model's logits (then the loss is the
+    cross-entropy training reports), or the log of probabilities averaged over
+    views and ensemble members (their negative log-likelihood).
+    """
+    loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=1)[:, 0]
+    return masked_eval_sums(log_probs, labels, mask, loss, per_class)
+
+
+def sum_over_batches(
+    sums_fn: Callable[[Any, Any], dict[str, jax.Array]], variables: Any, batches: Iterable[Any]
+) -> dict[str, np.ndarray]:
+    """Adds `sums_fn(variables, batch)` over `batches` on device; returns the totals on the host."""
+    total = None
+    for batch in batches:
+        sums = sums_fn(variables, batch)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), total)
+
+
+def summarize_sums(total: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Totals of `masked_eval_sums` -> count, top1, top5, loss (and mean_per_class when summed)."""
+    count = float(total["count"])
+    summary = {
+        "count": int(count),
+        "top1": float(total["correct1"]) / count,
+        "top5": float(total["correct5"]) / count,
+        "loss": float(total["loss_sum"]) / count,
+    }
+    if "class_count" in total:
+        present = total["class_count"] > 0
+        summary["mean_per_class"] = float((total["class_correct"][present] / total["class_count"][present]).mean())
+    return summary
+
+
 class MetricWriter:
-    """Writes `metrics.jsonl`, TensorBoard events under `tb/` and `config.json`."""
+    """Writes `metrics.jsonl` and TensorBoard events under `tb/` (`config.json`: `jaxres.runs`)."""
 
     def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -75,11 +116,6 @@ class MetricWriter:
             from tensorboardX import SummaryWriter  # No TensorFlow needed.
 
             self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
-
-    def write_config(self, config: ml_collections.ConfigDict) -> None:
-        if self.enabled:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One JSON line (with `step`) and one TensorBoard scalar per value."""
@@ -110,7 +146,7 @@ def _to_python(v: Any) -> Any:
     return v
 
 
-class Progress:
+class Throughput:
     """Images/s since the last report and an ETA, printed as one console line."""
 
     def __init__(self, total_steps: int, start_step: int, images_per_step: int, steps_per_epoch: int):
@@ -143,3 +179,30 @@ def log_line(text: str) -> None:
     """Console output from process 0 only."""
     if jax.process_index() == 0:
         print(text, flush=True)
+
+
+PROGRESS_LINE_SECONDS = 15.0  # Without a terminal: one progress line this often.
+
+
+def progress_bar(iterable: Iterable, total: int, desc: str, unit: str = "batch") -> Iterator:
+    """Progress of a long loop on process 0: a tqdm bar on a terminal, else a line every 15 s.
+
+    Logs and CI capture stderr without a terminal, where a bar does not draw; the
+    periodic lines keep a long evaluation or feature pass from looking hung.
+    """
+    if jax.process_index() != 0:
+        yield from iterable
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, mininterval=1.0)
+        return
+    start = last = time.perf_counter()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= PROGRESS_LINE_SECONDS and done < total:
+            last = now
+            print(f"{desc}: {done} of {total} ({100 * done // max(total, 1)}%), {now - start:.0f} s",
+                  file=sys.stderr, flush=True)

@@ -116,7 +116,12 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size
             f"e.g. --config.{name}={max(1, round(global_batch_size / num_devices)) * num_devices}"
             + (" (or set JAX_NUM_CPU_DEVICES)." if mesh.devices.flat[0].platform == "cpu" else ".")
         )
-    return global_batch_size // num_processes
+    return process_batch_size(global_batch_size)
+
+
+def process_batch_size(global_batch_size: int) -> int:
+    """The rows of each global batch that this process loads (every process loads as many)."""
+    return global_batch_size // jax.process_count()
 
 
 def to_global(batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxres import runs
 from jaxres.data import sources
-from jaxres.errors import DataError, JaxresError
-from jaxres.evaluate import Ensemble, load_member
-from jaxres.metrics import log_line
+from jaxres.errors import DataError
+from jaxres.evaluate import Ensemble
 
 
 @dataclasses.dataclass
@@ -72,15 +72,6 @@ def image_paths(inputs: Sequence[str]) -> list[str]:
     return paths
 
 
-def class_names_of(config: Any) -> list[str]:
-    """The run's class names, or "0".."C-1" when its dataset is not available here."""
-    try:
-        return list(sources.open_source(config.dataset, config.dataset.train_split).class_names)
-    except JaxresError as e:
-        log_line(f"Class names unavailable ({str(e)[:120]}...); printing class numbers.")
-        return [str(i) for i in range(config.dataset.num_classes)]
-
-
 def predict(
     run: str,
     inputs: Sequence[str],
@@ -95,14 +86,15 @@ def predict(
       inputs: image files and folders.
       top_k: how many classes per image.
       checkpoint: "latest", "best" or a step.
-      batch_size: global batch (0: the device count, at least 8).
+      batch_size: global batch (0: the run's eval_batch_size, at most the image count,
+        rounded up to a multiple of the device count).
     """
-    member = load_member(run, checkpoint)
-    names = class_names_of(member.config)
+    member = runs.load(run, checkpoint)
+    names = runs.class_names(member)
     ensemble = Ensemble([member])
     source = FileSource(image_paths(inputs), names)
     devices = ensemble.mesh.devices.size
-    batch_size = batch_size or devices * max(1, 8 // devices)
+    batch_size = batch_size or -(-min(member.config.eval_batch_size, len(source)) // devices) * devices
     probs, masks = ensemble.probabilities(source, "center", batch_size)
     out = []
     for path, label, p, ok in zip(source.paths, source.labels, probs, masks):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -29,8 +29,8 @@ from jax.experimental import multihost_utils
 
 from jaxres import checkpoint as ckpt_lib
 from jaxres import metrics as metrics_lib
-from jaxres import models, optim, parallel
-from jaxres.data import dali, pipeline, sources, transforms
+from jaxres import optim, parallel, runs
+from jaxres.data import dali, loader, sources
 from jaxres.errors import CheckpointError, ConfigError, NonFiniteLossError, unknown_name
 
 
@@ -43,14 +43,6 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     ema_params: Any  # {} when EMA is off.
-    rng: jax.Array  # Raw uint32 key data, so that orbax can save it.
-
-
-def normalize(images: jax.Array, mean: tuple, std: tuple) -> jax.Array:
-    """uint8 NHWC -> float32, per channel (x - mean) / std (on device)."""
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    return (images.astype(jnp.float32) - mean) / std
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -77,7 +69,7 @@ def train_step(
     num_classes, smoothing = config.dataset.num_classes, config.optimizer.label_smoothing
 
     def loss_fn(params, batch_stats, micro):
-        images = normalize(micro["image"], config.dataset.mean, config.dataset.std)
+        images = runs.normalize(micro["image"], config.dataset.mean, config.dataset.std)
         (logits, _), new_vars = model.apply(
             {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
         )
@@ -124,59 +116,46 @@ def train_step(
 def eval_step(
     variables: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.Module, config: ml_collections.FrozenConfigDict
 ) -> dict[str, jax.Array]:
-    """Masked sums over one batch: count, correct top-1 / top-5, loss."""
-    images = normalize(batch["image"], config.dataset.mean, config.dataset.std)
+    """Masked sums over one batch: count, correct top-1 / top-5, loss (cross-entropy, no smoothing)."""
+    images = runs.normalize(batch["image"], config.dataset.mean, config.dataset.std)
     logits, _ = model.apply(variables, images, train=False)
-    logits = logits.astype(jnp.float32)
-    loss = cross_entropy(logits, batch["label"], config.dataset.num_classes, 0.0)
-    return metrics_lib.masked_eval_sums(logits, batch["label"], batch["mask"], loss)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return metrics_lib.classification_sums(log_probs, batch["label"], batch["mask"])
 
 
 def eval_variables(state: TrainState, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The weights evaluation uses: the EMA when enabled."""
-    params = state.ema_params if config.ema_decay else state.params
-    return {"params": params, "batch_stats": state.batch_stats}
+    return runs.eval_variables(state.params, state.ema_params, state.batch_stats, config.ema_decay)
 
 
-def evaluate(
+def validate(
     variables: dict[str, Any],
     eval_fn: Callable,
     source: Any,
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
-    """top-1 / top-5 / loss over the whole split (padded + masked: every example counts)."""
-    batches = host_batches(config, source, config.eval_batch_size, train=False)
-    total = None
-    num_batches = pipeline.num_eval_batches(len(source), config.eval_batch_size)
-    for _, batch in zip(range(num_batches), parallel.prefetch_to_device(batches, mesh)):
-        sums = eval_fn(variables, batch)
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    total = parallel.fetch(total)
-    count = float(total["count"])
-    return {
-        "val_top1": float(total["correct1"]) / count,
-        "val_top5": float(total["correct5"]) / count,
-        "val_loss": float(total["loss_sum"]) / count,
-        "val_count": int(count),
-    }
-
-
-def create_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The model of `config.model`, with the dataset's class count."""
-    return models.create_model(
-        config.model.name,
-        num_classes=config.dataset.num_classes,
-        dtype=config.model.dtype,
-        **config.model.overrides.to_dict(),
+    """val_top1 / val_top5 / val_loss / val_count over the whole split (padded + masked)."""
+    d = config.dataset
+    transform = loader.view_transform(d.image_size, d.eval_crop_ratio, "center", d.decoder, d.decode_reduced)
+    _, batches = loader.device_eval_batches(
+        source,
+        transform,
+        config.eval_batch_size,
+        mesh,
+        num_workers=d.num_workers,
+        decoder=d.decoder,
+        image_size=d.image_size,
     )
+    summary = metrics_lib.summarize_sums(metrics_lib.sum_over_batches(eval_fn, variables, batches))
+    return {f"val_{k}": v for k, v in summary.items()}
 
 
 def init_state(
     model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, rng: jax.Array
 ) -> TrainState:
     """A fresh TrainState (jitted with replicated out_shardings by the caller)."""
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng = jax.random.split(rng)[0]  # As when the state also kept an RNG: inits stay unchanged.
     size = config.dataset.image_size
     variables = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
     params = variables["params"]
@@ -186,7 +165,6 @@ def init_state(
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
         ema_params=params if config.ema_decay else {},
-        rng=jax.random.key_data(state_rng),
     )
 
 
@@ -249,19 +227,6 @@ def _check_finite(scalars: dict[str, float], first_step: int, last_step: int) ->
         )
 
 
-def _meta(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> dict[str, Any]:
-    return {
-        "step": step,
-        "epoch": step / steps_per_epoch,
-        "data_position": step * config.grad_accum_steps,  # Next micro-batch index.
-        "model": config.model.name,
-        "num_classes": config.dataset.num_classes,
-        "image_size": config.dataset.image_size,
-        "dataset": config.dataset.name,
-        "config_json": config.to_json_best_effort(sort_keys=True),
-    }
-
-
 def restore_or_init(
     config: ml_collections.ConfigDict,
     checkpointer: ckpt_lib.Checkpointer,
@@ -269,35 +234,60 @@ def restore_or_init(
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
 ) -> TrainState:
-    """Resume from the workdir, else start from `init_from`, else from scratch."""
+    """The starting state, in this order (`jaxres.checkpoint` documents it):
+
+    1. the newest checkpoint in the workdir (resume);
+    2. `config.resume_from=RUN[:STEP]`: that run's whole state at STEP (branch a run);
+    3. `config.init_from=RUN`: its params and batch stats, a fresh optimizer (fine-tune);
+    4. scratch.
+    """
     rng = jax.random.key(config.seed)
     init_fn = functools.partial(init_state, model, tx, config)
     abstract = jax.eval_shape(init_fn, rng)
     shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     latest = checkpointer.latest_step()
     if latest is not None:
-        meta = checkpointer.restore_meta(latest)
-        if (meta["model"], meta["num_classes"]) != (config.model.name, config.dataset.num_classes):
-            raise CheckpointError(
-                f"The workdir holds a checkpoint of model {meta['model']!r} with {meta['num_classes']} "
-                f"classes, not {config.model.name!r} with {config.dataset.num_classes}; use another "
-                "--workdir (or --config.init_from=THAT_RUN to fine-tune from it)."
-            )
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        metrics_lib.log_line(f"Resuming from {checkpointer.directory} step {latest}.")
-        return checkpointer.restore(latest, abstract)
+        fix = "use another --workdir (or --config.init_from=THAT_RUN to fine-tune from it)."
+        return _restore_state(checkpointer, latest, abstract, config, "The workdir", fix)
+    if config.resume_from:
+        run, which = runs.parse_run_and_step(config.resume_from)
+        source = runs.open_checkpoints(run)
+        try:
+            step = ckpt_lib.resolve_step(source, which)
+            fix = "resume_from needs a run of the same model.name and dataset.num_classes."
+            return _restore_state(source, step, abstract, config, f"resume_from={config.resume_from!r}", fix)
+        finally:
+            source.close()
     state = jax.jit(init_fn, out_shardings=shardings)(rng)
     if config.init_from:
         state = _load_init_from(config.init_from, state, mesh, config.init_fresh_head)
     return state
 
 
+def _restore_state(
+    checkpointer: ckpt_lib.Checkpointer,
+    step: int,
+    abstract: TrainState,
+    config: ml_collections.ConfigDict,
+    where: str,
+    fix: str,
+) -> TrainState:
+    """The whole TrainState at `step`, into this mesh's shardings (any device or process count)."""
+    runs.check_same_model(checkpointer.restore_meta(step), config, where, fix)
+    metrics_lib.log_line(f"Resuming from {checkpointer.directory} step {step}.")
+    return checkpointer.restore(step, abstract)
+
+
 def _load_init_from(run: str, state: TrainState, mesh: jax.sharding.Mesh, fresh_head: bool = False) -> TrainState:
     """Copies another run's params / batch stats in; a head of another shape (or any head,
     with `fresh_head`) stays fresh."""
-    source = ckpt_lib.Checkpointer(ckpt_lib.run_checkpoint_dir(run), read_only=True)
-    step = ckpt_lib.resolve_step(source, "latest")
-    loaded = source.restore_params(step)
+    source = runs.open_checkpoints(run)
+    try:
+        step = ckpt_lib.resolve_step(source, "latest")
+        loaded = source.restore_params(step)
+    finally:
+        source.close()
     extra = [
         jax.tree_util.keystr(p)
         for p, _ in jax.tree_util.tree_leaves_with_path(loaded["params"])
@@ -341,50 +331,6 @@ def _lookup(tree: Any, path: tuple) -> Any:
     return tree
 
 
-def host_batches(
-    config: ml_collections.ConfigDict, source: Any, global_batch_size: int, *, train: bool, start: int = 0
-) -> Iterator[dict[str, np.ndarray]]:
-    """This process's decoded uint8 batches of `source`: train (endless, from batch `start`) or eval (padded).
-
-    `config.dataset.decoder`: "cpu" decodes in the grain workers; "dali" has them only
-    draw the crops, and DALI decodes (`jaxres.data.dali`).
-    """
-    d = config.dataset
-    use_dali = d.decoder == "dali"
-    common = {
-        "global_batch_size": global_batch_size,
-        "num_workers": d.num_workers,
-        "process_index": jax.process_index(),
-        "process_count": jax.process_count(),
-        "batch_fn": dali.collate if use_dali else None,
-    }
-    if train:
-        if use_dali:
-            transform = dali.TrainCrops(d.crop_min_area, d.flip)
-        else:
-            transform = transforms.TrainTransform(
-                d.image_size, d.crop_min_area, d.flip, d.color_jitter, decode_reduced=d.decode_reduced
-            )
-        batches = pipeline.train_batches(source, transform, seed=config.seed, start=start, **common)
-    else:
-        if use_dali:
-            transform = dali.EvalCrops(d.eval_crop_ratio)
-        else:
-            transform = transforms.EvalTransform(d.image_size, d.eval_crop_ratio, d.decode_reduced)
-        batches = pipeline.eval_batches(source, transform, **common)
-    if use_dali:
-        return dali.decode_batches(batches, d.image_size, global_batch_size // jax.process_count())
-    return batches
-
-
-def _micro_batches(config: ml_collections.ConfigDict, source: Any, start: int) -> Any:
-    """This process's training micro-batches, grouped [A, B_local, ...] per step."""
-    batches = host_batches(config, source, config.batch_size // config.grad_accum_steps, train=True, start=start)
-    while True:
-        group = [next(batches) for _ in range(config.grad_accum_steps)]
-        yield jax.tree.map(lambda *x: np.stack(x), *group)
-
-
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Fails early, quoting the numbers, on settings that cannot work."""
     if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
@@ -409,7 +355,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
                 "config.dataset.color_jitter runs only on the CPU decoder; set "
                 "--config.dataset.decoder=cpu or --config.dataset.color_jitter=0."
             )
-    create_model(config)  # Unknown model names / fields fail here, before data loading.
+    runs.build_model(config)  # Unknown model names / fields fail here, before data loading.
 
 
 def make_step_fns(
@@ -470,12 +416,13 @@ def train_and_evaluate(
     total_steps = int(config.num_epochs * steps_per_epoch)
     eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
 
-    model = create_model(config)
+    model = runs.build_model(config)
     schedule, tx = _schedule_and_optimizer(config, steps_per_epoch, total_steps)
     step_fn, eval_fn = make_step_fns(config, model, tx, mesh)
 
+    if jax.process_index() == 0:
+        runs.write_config(workdir, config)
     writer = metrics_lib.MetricWriter(workdir)
-    writer.write_config(config)
     checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_latest, config.keep_best)
     preemption = Preemption()
     try:
@@ -487,15 +434,15 @@ def train_and_evaluate(
             f"{jax.process_count()} process(es)."
         )
         batches = parallel.prefetch_to_device(
-            _micro_batches(config, train_source, start * config.grad_accum_steps), mesh, batch_axis=1
+            loader.train_micro_batches(config, train_source, start * config.grad_accum_steps), mesh, batch_axis=1
         )
-        progress = metrics_lib.Progress(total_steps, start, config.batch_size, steps_per_epoch)
+        progress = metrics_lib.Throughput(total_steps, start, config.batch_size, steps_per_epoch)
         pending, pending_from = None, start
 
         def save(step: int, eval_metrics: dict | None = None) -> None:
             if pending is not None:  # Never save a state that went non-finite.
                 _check_finite({k: float(v) for k, v in pending.compute().items()}, pending_from, step)
-            checkpointer.save(step, state, _meta(config, step, steps_per_epoch), eval_metrics)
+            checkpointer.save(step, state, runs.checkpoint_meta(config, step, step / steps_per_epoch), eval_metrics)
 
         for step in range(start + 1, total_steps + 1):
             state, step_metrics = step_fn(state, next(batches))
@@ -508,7 +455,7 @@ def train_and_evaluate(
                 metrics_lib.log_line(progress.line(step, scalars))
                 pending, pending_from = None, step
             if step % eval_every == 0 or step == total_steps:
-                eval_metrics = evaluate(eval_variables(state, config), eval_fn, val_source, config, mesh)
+                eval_metrics = validate(eval_variables(state, config), eval_fn, val_source, config, mesh)
                 _write_eval(writer, step, steps_per_epoch, eval_metrics)
                 save(step, eval_metrics)
             elif step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:

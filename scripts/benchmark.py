@@ -43,34 +43,34 @@ flags.DEFINE_string("output", None, "input / probe / features: also write the JS
 
 
 def _throughput(f) -> None:
-    from jaxres import bench
+    from jaxres.bench import steps
 
     if f.what == "e2e":
-        row = bench.bench_e2e(f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.num_workers,
+        row = steps.bench_e2e(f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.num_workers,
                               f.dataset, f.data_dir, f.image_size, f.decoder)
     elif f.framework == "jax":
-        row = bench.bench_jax(f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.image_size)
+        row = steps.bench_jax(f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.image_size)
     else:
-        from jaxres import bench_torch
+        from jaxres.bench import torch_ref as bench_torch
 
         row = bench_torch.bench_torch(
             f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.torch_compile, f.image_size
         )
     print(json.dumps(row, indent=1))
     if f.record:
-        bench.append_result(row)
-        with open(os.path.join(os.path.dirname(bench.RESULTS), "results.md"), "w") as out:
-            out.write("# Benchmark results (newest first)\n\n" + bench.render_markdown() + "\n")
+        steps.append_result(row)
+        with open(os.path.join(os.path.dirname(steps.RESULTS), "results.md"), "w") as out:
+            out.write("# Benchmark results (newest first)\n\n" + steps.render_markdown() + "\n")
 
 
 def _other(f) -> dict:
     if f.what == "input":
-        from jaxres import bench_input
+        from jaxres.bench import input as bench_input
 
         result = bench_input.run_input_benchmark(f.num_images, f.image_size, 64, f.repeats, f.tf)
         print(bench_input.format_markdown(result))
         return result
-    from jaxres import bench_probe
+    from jaxres.bench import probe as bench_probe
 
     if f.what == "probe":
         result = bench_probe.run_probe_benchmark(sweep=f.sweep)

@@ -10,7 +10,7 @@ Sources: keras (.h5 / .weights.h5 / .keras), timm and torchvision (.pth / .pt / 
 .safetensors state dicts), bit_npz (the BiT release .npz). Nothing is downloaded.
 The output holds config.json (model, class count, normalisation of the source) and
 checkpoints/ (step 0), usable by evaluate.py, predict.py, linear_probe.py and
---config.init_from. See jaxres/convert.py for the layouts and checks.
+--config.init_from. See jaxres/convert/importer.py for the layouts and checks.
 """
 
 from absl import app, flags
@@ -35,11 +35,11 @@ def main(argv):
     del argv
     f = flags.FLAGS
     with cli.user_errors():
-        from jaxres import convert
+        from jaxres.convert import importer
 
-        names = convert.read_class_names(f.class_names) if f.class_names else None
-        converted = convert.convert(f.source, f.model, f.input)
-        output = convert.save_run(converted, f.output, f.image_size, names)
+        names = importer.read_class_names(f.class_names) if f.class_names else None
+        converted = importer.convert(f.source, f.model, f.input)
+        output = importer.save_run(converted, f.output, f.image_size, names)
         arch = converted.architecture
         print(
             f"Wrote {output}: {arch.model} {arch.overrides or ''} "

@@ -32,11 +32,11 @@ def main(argv):
     f = flags.FLAGS
     with cli.user_errors():
         from jaxres.config_base import base_config
-        from jaxres.data import prepare, sources
+        from jaxres.data import sources, statistics
 
         dataset = base_config().dataset
         dataset.update(name=f.dataset, data_dir=f.data_dir, train_split=f.split)
-        stats = prepare.dataset_statistics(
+        stats = statistics.dataset_statistics(
             sources.open_source(dataset, f.split), f.max_images, f.seed
         )
         result = dict(dataset=f.dataset, split=f.split, seed=f.seed, **stats)

@@ -1,6 +1,6 @@
 """`make demo`: train on the embedded digits, evaluate the best checkpoint, probe, print a table.
 
-    python scripts/demo.py --workdir runs/demo
+    python scripts/demo.py --workdir runs/demo [--config.num_epochs=3 ...]
 
 Trains `configs/demo.py` (resumes if the workdir has a run), evaluates its
 best checkpoint on the whole validation split, fits a linear probe on the
@@ -8,17 +8,16 @@ model's `pre_logits` features, and prints one results table.
 """
 
 import os
-import sys
 import time
 
 from absl import app, flags
+from ml_collections import config_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # configs/ is a folder of the repository, not of the package.
+from jaxres import cli
 
-from configs import demo as demo_config  # noqa: E402
-from jaxres import cli  # noqa: E402
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
+config_flags.DEFINE_config_file("config", DEMO_CONFIG, "The demo's config (override keys with --config.key=value).")
 flags.DEFINE_string("workdir", "runs/demo", "Run directory.")
 flags.DEFINE_string("data_dir", None, "Where the digits image folder is written (default: the config's).")
 
@@ -28,7 +27,7 @@ def main(argv):
     with cli.user_errors():
         from jaxres import demo
 
-        config = demo_config.get_config()
+        config = flags.FLAGS.config
         if flags.FLAGS.data_dir:
             config.dataset.data_dir = flags.FLAGS.data_dir
         start = time.time()

@@ -34,16 +34,15 @@ def main(argv):
     f = flags.FLAGS
     cli.initialize_distributed_from_flags()
     with cli.user_errors():
-        from jaxres import evaluate
+        from jaxres import evaluate, runs
         from jaxres.errors import ConfigError
 
-        runs = [r for r in (f.ensemble or "").split(",") if r] or ([f.workdir] if f.workdir else [])
-        if not runs:
+        run_dirs = [r for r in (f.ensemble or "").split(",") if r] or ([f.workdir] if f.workdir else [])
+        if not run_dirs:
             raise ConfigError("Pass --workdir RUN (or --ensemble RUN_A,RUN_B).")
-        checkpoint = f.checkpoint if f.checkpoint in ("latest", "best") else int(f.checkpoint)
         results = evaluate.evaluate_runs(
-            runs,
-            checkpoint=checkpoint,
+            run_dirs,
+            checkpoint=runs.parse_checkpoint(f.checkpoint),
             split=f.split,
             crops=f.crops,
             data_dir=f.data_dir,

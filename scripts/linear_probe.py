@@ -29,9 +29,9 @@ def main(argv):
     del argv
     cli.initialize_distributed_from_flags()
     with cli.user_errors():
-        from jaxres import protocols
+        from jaxres.transfer import runner
 
-        protocols.run_protocol(flags.FLAGS.config, flags.FLAGS.workdir)
+        runner.run_protocol(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

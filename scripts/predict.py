@@ -22,7 +22,7 @@ flags.DEFINE_string(
 
 def main(argv):
     with cli.user_errors():
-        from jaxres import predict
+        from jaxres import predict, runs
         from jaxres.errors import DataError
 
         if len(argv) < 2:
@@ -30,8 +30,7 @@ def main(argv):
                 "Pass image files or folders after the flags, e.g. scripts/predict.py --workdir RUN a.jpg."
             )
         f = flags.FLAGS
-        checkpoint = f.checkpoint if f.checkpoint in ("latest", "best") else int(f.checkpoint)
-        predictions = predict.predict(f.workdir, argv[1:], f.top_k, checkpoint)
+        predictions = predict.predict(f.workdir, argv[1:], f.top_k, runs.parse_checkpoint(f.checkpoint))
         print(predict.format_predictions(predictions))
         if f.grid:
             predict.draw_grid(predictions, f.grid)

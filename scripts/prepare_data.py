@@ -66,7 +66,9 @@ def main(argv):
     del argv
     f = flags.FLAGS
     with cli.user_errors():
-        from jaxres.data import prepare, splits
+        from jaxres.data import splits
+        from jaxres.data.prepare import recipes, records
+        from jaxres.errors import DataError
 
         manual_dir = os.path.expanduser(f.manual_dir)
         data_dir = os.path.expanduser(f.data_dir) if f.data_dir else None
@@ -75,7 +77,7 @@ def main(argv):
                 logging.info("Wrote %s", path)
             return
         quality = f.jpeg_quality or (
-            prepare.RESIZED_JPEG_QUALITY if f.resize_shorter else prepare.PREPARE_JPEG_QUALITY
+            records.RESIZED_JPEG_QUALITY if f.resize_shorter else records.PREPARE_JPEG_QUALITY
         )
         common = {
             "resize_shorter": f.resize_shorter,
@@ -85,20 +87,18 @@ def main(argv):
         }
         if f.dataset == "imagenet2012":
             if not data_dir:
-                raise prepare.DataError(
-                    "--dataset imagenet2012 needs --data_dir (the tfds data_dir)."
-                )
-            out = prepare.prepare_imagenet2012(manual_dir, data_dir, **common)
+                raise DataError("--dataset imagenet2012 needs --data_dir (the tfds data_dir).")
+            out = recipes.prepare_imagenet2012(manual_dir, data_dir, **common)
         elif f.dataset == "imagefolder":
-            out = prepare.prepare_imagefolder(
+            out = recipes.prepare_imagefolder(
                 manual_dir, data_dir, f.name, f.val_fraction, f.seed, **common
             )
         elif f.dataset == "caltech256":
-            out = prepare.prepare_caltech256(
+            out = recipes.prepare_caltech256(
                 manual_dir, data_dir, keep_clutter=f.keep_clutter, **common
             )
         else:
-            out = prepare.DATASETS[f.dataset](manual_dir, data_dir, **common)
+            out = recipes.DATASETS[f.dataset](manual_dir, data_dir, **common)
         logging.info("Ready: %s", out)
 
 

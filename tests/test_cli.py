@@ -157,3 +157,26 @@ def test_cpu_split_is_skipped_once_a_backend_runs():
     clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     result = _run([sys.executable, "-c", code], dict(clean, JAX_PLATFORMS="cpu"))
     assert result.stdout.split()[-2:] == ["None", "1"]
+
+
+def test_help_lists_the_shared_flags_and_exits_0():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), "--help"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--workdir", "--checkpoint", "--compilation_cache", "--coordinator_address"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("configs/nope.py", "--config=configs/nope.py: [Errno 2] No such file or directory"),
+        ("configs/finetune.py:bogus", "use 'digits' or 'r50'"),
+    ],
+)
+def test_bad_config_file_or_arg_is_one_line(tmp_path, config, message):
+    cmd = [sys.executable, os.path.join(REPO, "scripts", "train.py"), f"--config={config}", f"--workdir={tmp_path}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("jaxres error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]

@@ -46,7 +46,8 @@ import numpy as np
 import pytest
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import convert, models, parallel, train
+from jaxres import models, parallel, runs, train
+from jaxres.convert import formats, importer
 from jaxres.errors import CheckpointError, ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +84,7 @@ def _compiled_forward(model):
     """One compiled float32 forward per jaxres model: uint8 -> (logits, pre_logits)."""
 
     def forward(variables, images, mean, std):
-        logits, features = model.apply(variables, train.normalize(images, mean, std))
+        logits, features = model.apply(variables, runs.normalize(images, mean, std))
         return logits, features["pre_logits"]
 
     return jax.jit(forward)
@@ -95,9 +96,9 @@ def jaxres_outputs(model, variables, mean, std) -> tuple[np.ndarray, np.ndarray]
     return tuple(np.asarray(o) for o in out)
 
 
-def run_converted(converted: convert.Converted) -> tuple[np.ndarray, np.ndarray]:
+def run_converted(converted: importer.Converted) -> tuple[np.ndarray, np.ndarray]:
     prep = converted.preprocessing(SIZE)
-    return jaxres_outputs(converted.create_model(), converted.variables, prep["mean"], prep["std"])
+    return jaxres_outputs(converted.module(), converted.variables, prep["mean"], prep["std"])
 
 
 # --- PyTorch references (timm, torchvision) -----------------------------------------------
@@ -338,7 +339,7 @@ CASES = [
 )
 def test_logits_and_features_match_source(references, source, model, reference, fmt):
     ref = references(reference)
-    converted = convert.convert(source, model, ref.files[fmt])
+    converted = importer.convert(source, model, ref.files[fmt])
     assert converted.num_classes == CLASSES
     logits, pre_logits = run_converted(converted)
     err = parity_error(logits, ref.logits, ref.relative)
@@ -353,7 +354,7 @@ def test_logits_and_features_match_source(references, source, model, reference, 
 
 def test_transposed_kernel_is_caught(references):
     ref = references("timm_resnetv2_50")
-    converted = convert.convert("timm", "resnetv2_50", ref.files["pth"])
+    converted = importer.convert("timm", "resnetv2_50", ref.files["pth"])
     conv = converted.variables["params"]["stage2_block1"]["conv2"]
     conv["kernel"] = conv["kernel"].transpose(1, 0, 2, 3)  # OIHW -> HWIO with H and W swapped.
     logits, _ = run_converted(converted)
@@ -364,10 +365,10 @@ def test_transposed_kernel_is_caught(references):
 
 def test_wrong_batchnorm_epsilon_is_caught(references):
     ref = references("keras_ResNet50V2")
-    converted = convert.convert("keras", "ResNet50V2", ref.files["weights.h5"])
+    converted = importer.convert("keras", "ResNet50V2", ref.files["weights.h5"])
     prep = converted.preprocessing(SIZE)
     # Keras' own BatchNormalization default (1e-3) instead of the Applications' 1.001e-5.
-    model = converted.create_model().clone(norm_eps=1e-3)
+    model = converted.module().clone(norm_eps=1e-3)
     logits, _ = jaxres_outputs(model, converted.variables, prep["mean"], prep["std"])
     err = parity_error(logits, ref.logits, False)
     print(f"\nBatchNorm epsilon 1e-3: logits error {err:.2e}")
@@ -391,7 +392,7 @@ def test_script_round_trip_restores_and_matches(references, tmp_path):
     with open(run / "config.json") as f:
         config = ml_collections.ConfigDict(json.load(f))
     assert config.dataset.num_classes == CLASSES and config.model.overrides.stride_in_1x1
-    checkpointer = ckpt_lib.Checkpointer(ckpt_lib.run_checkpoint_dir(str(run)), read_only=True)
+    checkpointer = ckpt_lib.Checkpointer(runs.checkpoint_directory(str(run)), read_only=True)
     variables = checkpointer.restore_params(0)
     meta = checkpointer.restore_meta(0)
     checkpointer.close()
@@ -399,30 +400,29 @@ def test_script_round_trip_restores_and_matches(references, tmp_path):
     assert meta["class_names"][3] == "flower 3" and meta["source"]["format"] == "keras"
     assert meta["preprocessing"]["mode"] == "caffe"
     logits, _ = jaxres_outputs(
-        train.create_model(config), variables, config.dataset.mean, config.dataset.std
+        runs.build_model(config), variables, config.dataset.mean, config.dataset.std
     )
     assert parity_error(logits, ref.logits, relative=True) <= RTOL
 
 
 def test_saved_groupnorm_run_restores_and_initialises_training(references, tmp_path):
     ref = references("timm_resnetv2_50x1_bit")
-    converted = convert.convert("bit_npz", "resnetv2_50x1_bit", ref.files["npz"])
-    run = convert.save_run(converted, str(tmp_path / "bit"), image_size=SIZE)
-    checkpointer = ckpt_lib.Checkpointer(ckpt_lib.run_checkpoint_dir(run), read_only=True)
+    converted = importer.convert("bit_npz", "resnetv2_50x1_bit", ref.files["npz"])
+    run = importer.save_run(converted, str(tmp_path / "bit"), image_size=SIZE)
+    checkpointer = ckpt_lib.Checkpointer(runs.checkpoint_directory(run), read_only=True)
     restored = checkpointer.restore_params(0)
     checkpointer.close()
     assert not restored.get("batch_stats")
-    logits, _ = jaxres_outputs(converted.create_model(), restored, (127.5,) * 3, (127.5,) * 3)
+    logits, _ = jaxres_outputs(converted.module(), restored, (127.5,) * 3, (127.5,) * 3)
     assert parity_error(logits, ref.logits, False) <= ATOL
 
     # Fine-tuning with init_from: a 5-class model takes every weight but the head.
-    model = converted.create_model().clone(num_classes=5)
+    model = converted.module().clone(num_classes=5)
     x = jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     params = jax.tree.map(lambda a: jnp.full(a.shape, 0.5, a.dtype), shapes)  # "Fresh" weights.
     state = train.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state={}, ema_params={},
-        rng=jax.random.key_data(jax.random.key(0)),
     )  # fmt: skip
     state = train._load_init_from(run, state, parallel.make_mesh())
     got = flax.traverse_util.flatten_dict(jax.device_get(state.params))
@@ -433,7 +433,7 @@ def test_saved_groupnorm_run_restores_and_initialises_training(references, tmp_p
         else:
             np.testing.assert_array_equal(value, want[key], err_msg=str(key))
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
-        convert.save_run(converted, run, image_size=SIZE)
+        importer.save_run(converted, run, image_size=SIZE)
 
 
 # --- Clear errors -----------------------------------------------------------------------------
@@ -480,7 +480,7 @@ def test_file_of_another_architecture_names_the_key(
     references, source, model, reference, fmt, message
 ):
     with pytest.raises(CheckpointError, match=message):
-        convert.convert(source, model, references(reference).files[fmt])
+        importer.convert(source, model, references(reference).files[fmt])
 
 
 def test_shape_mismatch_and_unused_tensors_name_the_key(references, tmp_path):
@@ -494,30 +494,30 @@ def test_shape_mismatch_and_unused_tensors_name_the_key(references, tmp_path):
         CheckpointError,
         match=r"'layer1\.0\.conv2\.weight' has shape \(64, 64, 1, 1\).*\(3, 3, 64, 64\)",
     ):
-        convert.convert("timm", "seresnet50", str(tmp_path / "shape.safetensors"))
+        importer.convert("timm", "seresnet50", str(tmp_path / "shape.safetensors"))
     extra = dict(state, **{"extra.weight": np.zeros(3, np.float32)})
     safetensors.save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(CheckpointError, match=r"1 tensor\(s\) .* 'extra\.weight'"):
-        convert.convert("timm", "seresnet50", str(tmp_path / "extra.safetensors"))
+        importer.convert("timm", "seresnet50", str(tmp_path / "extra.safetensors"))
 
 
 def test_bad_names_and_paths_are_user_errors(tmp_path):
     with pytest.raises(ConfigError, match="Unknown weights source 'onnx'"):
-        convert.architecture("onnx", "resnet50")
+        importer.architecture("onnx", "resnet50")
     with pytest.raises(ConfigError, match="Did you mean 'resnet50'"):
-        convert.architecture("torchvision", "resnet5O")
+        importer.architecture("torchvision", "resnet5O")
     with pytest.raises(ConfigError, match="ResNet50V2"):
-        convert.architecture("keras", "ResNet50V3")
+        importer.architecture("keras", "ResNet50V3")
     with pytest.raises(CheckpointError, match="does not exist"):
-        convert.convert("timm", "resnet50", str(tmp_path / "missing.pth"))
+        importer.convert("timm", "resnet50", str(tmp_path / "missing.pth"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="not a readable .npz"):
-        convert.convert("bit_npz", "resnetv2_50x1_bit", str(tmp_path / "junk.npz"))
+        importer.convert("bit_npz", "resnetv2_50x1_bit", str(tmp_path / "junk.npz"))
 
 
 @pytest.mark.parametrize(
     "model, overrides, expected",
-    [("resnetv2_50", convert.KERAS_V2, 25_613_800), ("resnet50", convert.KERAS_V1, 25_636_712)],
+    [("resnetv2_50", importer.KERAS_V2, 25_613_800), ("resnet50", importer.KERAS_V1, 25_636_712)],
 )
 def test_keras_layouts_match_keras_parameter_counts(model, overrides, expected):
     # Keras count_params() of ResNet50V2 / ResNet50 (1000 classes), moving statistics included.
@@ -532,3 +532,12 @@ def test_layout_options_are_validated():
         models.create_model("resnet50", conv_bias="some")
     with pytest.raises(ConfigError, match="Did you mean 'last'"):
         models.create_model("resnetv2_50", stride_block="lst")
+
+
+def test_a_missing_reader_names_the_extra(monkeypatch, tmp_path):
+    """Without the [convert] extra (torch absent), reading a .pth says what to install."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError.
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"not read")
+    with pytest.raises(ConfigError, match=r"needs 'torch'.*pip install -e '\.\[convert\]'"):
+        formats.read_torch(str(path))

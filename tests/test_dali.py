@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from jaxres import train
+from jaxres import parallel, train
 from jaxres.data import dali, embedded, pipeline, transforms
 from jaxres.errors import ConfigError
 from tests.test_data import jpeg, record
@@ -127,4 +127,4 @@ def test_decoder_config_errors(overrides, message):
     config = demo.get_config("smoke")
     config.dataset.update(overrides)
     with pytest.raises(ConfigError, match=message):
-        train.check_config(config, train.parallel.make_mesh())
+        train.check_config(config, parallel.make_mesh())

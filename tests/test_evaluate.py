@@ -19,10 +19,11 @@ import pytest
 from PIL import Image
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import evaluate, features, predict, train
+from jaxres import evaluate, predict, runs
 from jaxres.config_base import base_config
-from jaxres.data import sources, transforms
+from jaxres.data import loader, sources, transforms
 from jaxres.errors import CheckpointError, ConfigError
+from jaxres.transfer import features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("ant", "bee", "cat")
@@ -61,7 +62,7 @@ def make_run(root: str, config, seed: int = 0, step: int = 3, ema: bool = False)
     Saved as a plain {"params", "batch_stats"[, "ema_params"]} dict, as the weight converter does.
     """
     os.makedirs(root, exist_ok=True)
-    model = train.create_model(config)
+    model = runs.build_model(config)
     size = config.dataset.image_size
     variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)), train=False)
     params = jax.tree.map(np.asarray, dict(variables["params"]))
@@ -97,23 +98,23 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
+def run_dirs(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     return [make_run(str(root / f"run{s}"), run_config(data), seed=s) for s in (0, 1)]
 
 
-def reference(member: evaluate.Member, images: np.ndarray) -> np.ndarray:
+def reference(member: runs.LoadedRun, images: np.ndarray) -> np.ndarray:
     """Softmax of the model on a stack of uint8 images, one device, no sharding."""
-    x = train.normalize(jnp.asarray(images), member.config.dataset.mean, member.config.dataset.std)
+    x = runs.normalize(jnp.asarray(images), member.config.dataset.mean, member.config.dataset.std)
     logits, _ = member.model.apply(member.variables, x, train=False)
     return np.asarray(jax.nn.softmax(logits, -1))
 
 
-def test_evaluate_counts_every_example_on_8_devices(runs, data):
+def test_evaluate_counts_every_example_on_8_devices(run_dirs, data):
     assert jax.device_count() == 8
-    results = evaluate.evaluate_runs([runs[0]], split="val")
+    results = evaluate.evaluate_runs([run_dirs[0]], split="val")
     source = sources.ImageFolderSource(os.path.join(data, "val"), list(CLASSES))
-    member = evaluate.load_member(runs[0])
+    member = runs.load(run_dirs[0])
     transform = transforms.EvalTransform(32, 0.8)
     examples = [transform(source[i]) for i in range(len(source))]
     probs = reference(member, np.stack([e["image"] for e in examples]))
@@ -128,11 +129,11 @@ def test_evaluate_counts_every_example_on_8_devices(runs, data):
     assert results["top5"] == 1.0  # 3 classes.
 
 
-def test_ten_crop_is_the_average_of_ten_softmaxes(runs, data):
-    member = evaluate.load_member(runs[0])
+def test_ten_crop_is_the_average_of_ten_softmaxes(run_dirs, data):
+    member = runs.load(run_dirs[0])
     source = sources.ImageFolderSource(os.path.join(data, "val"), list(CLASSES))
     probs, mask = evaluate.Ensemble([member]).probabilities(source, "10crop", batch_size=8)
-    transform = evaluate.view_transform(32, 0.8, "10crop")
+    transform = loader.view_transform(32, 0.8, "10crop")
     for i in (0, 20):
         crops = transform(source[i])["image"]  # [10, 32, 32, 3]: corners, centre, then mirrors.
         assert crops.shape == (10, 32, 32, 3)
@@ -150,32 +151,32 @@ def test_ten_crop_is_the_average_of_ten_softmaxes(runs, data):
     )
 
 
-def test_ensemble_averages_member_probabilities(runs, data):
-    members = [evaluate.load_member(r) for r in runs]
+def test_ensemble_averages_member_probabilities(run_dirs, data):
+    members = [runs.load(r) for r in run_dirs]
     source = sources.ImageFolderSource(os.path.join(data, "val"), list(CLASSES))
     single = [evaluate.Ensemble([m]).probabilities(source, "center", 8)[0] for m in members]
     both, _ = evaluate.Ensemble(members).probabilities(source, "center", 8)
     np.testing.assert_allclose(both, (single[0] + single[1]) / 2, atol=1e-6)
     assert not np.allclose(single[0], single[1])
-    results = evaluate.evaluate_runs(runs, split="val")
+    results = evaluate.evaluate_runs(run_dirs, split="val")
     labels = np.asarray(source.labels)
     assert results["top1"] == pytest.approx(np.mean(both.argmax(1) == labels), abs=1e-6)
-    assert [m["run"] for m in results["members"]] == [os.path.abspath(r) for r in runs]
+    assert [m["run"] for m in results["members"]] == [os.path.abspath(r) for r in run_dirs]
 
 
 def test_ema_weights_are_used_when_the_run_kept_an_ema(data, tmp_path):
     run = make_run(str(tmp_path / "ema"), run_config(data), ema=True)
-    member = evaluate.load_member(run)
+    member = runs.load(run)
     kernel = member.variables["params"]["head"]["kernel"]
-    plain = evaluate.load_member(make_run(str(tmp_path / "plain"), run_config(data)))
+    plain = runs.load(make_run(str(tmp_path / "plain"), run_config(data)))
     np.testing.assert_allclose(kernel, plain.variables["params"]["head"]["kernel"] * 0.5, rtol=1e-6)
 
 
-def test_checkpoint_of_another_model_is_a_one_line_error(runs, tmp_path):
+def test_checkpoint_of_another_model_is_a_one_line_error(run_dirs, tmp_path):
     import shutil
 
     bad = str(tmp_path / "bad")
-    shutil.copytree(runs[0], bad)
+    shutil.copytree(run_dirs[0], bad)
     path = os.path.join(bad, "config.json")
     with open(path) as f:
         config = json.load(f)
@@ -183,9 +184,9 @@ def test_checkpoint_of_another_model_is_a_one_line_error(runs, tmp_path):
     with open(path, "w") as f:
         json.dump(config, f)
     with pytest.raises(CheckpointError, match=r"does not fit model .*Is config.json the one"):
-        evaluate.load_member(bad)
+        runs.load(bad)
     with pytest.raises(CheckpointError, match="No checkpoint at step 99"):
-        evaluate.load_member(runs[0], 99)
+        runs.load(run_dirs[0], 99)
     result = subprocess.run(
         [
             sys.executable,
@@ -207,7 +208,7 @@ def test_best_checkpoint_is_the_highest_val_top1(data, tmp_path):
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(run, "checkpoints"), keep_latest=3, keep_best=3
     )
-    member = evaluate.load_member(run)
+    member = runs.load(run)
     for step, top1 in ((2, 0.9), (3, 0.5)):
         checkpointer.save(
             step,
@@ -216,13 +217,13 @@ def test_best_checkpoint_is_the_highest_val_top1(data, tmp_path):
             {"val_top1": top1},
         )
     checkpointer.close()
-    assert evaluate.load_member(run, "best").step == 2
-    assert evaluate.load_member(run, "latest").step == 3
+    assert runs.load(run, "best").step == 2
+    assert runs.load(run, "latest").step == 3
 
 
-def test_predict_top_k_true_labels_and_grid(runs, data, tmp_path):
+def test_predict_top_k_true_labels_and_grid(run_dirs, data, tmp_path):
     out = predict.predict(
-        runs[0],
+        run_dirs[0],
         [os.path.join(data, "val", "bee"), os.path.join(data, "val", "ant", "000.jpg")],
         top_k=2,
     )
@@ -239,7 +240,7 @@ def test_predict_top_k_true_labels_and_grid(runs, data, tmp_path):
     assert Image.open(grid).size == (4 * 64, 3 * (64 + 28))
 
 
-def test_feature_cache_reused_and_invalidated(runs, data, tmp_path, monkeypatch):
+def test_feature_cache_reused_and_invalidated(run_dirs, data, tmp_path, monkeypatch):
     calls = []
     original = features.FeatureExtractor.extract
     monkeypatch.setattr(
@@ -249,7 +250,7 @@ def test_feature_cache_reused_and_invalidated(runs, data, tmp_path, monkeypatch)
     )
     source = sources.ImageFolderSource(os.path.join(data, "val"), list(CLASSES))
     name = {"name": "toy", "split": "val"}
-    member = evaluate.load_member(runs[0])
+    member = runs.load(run_dirs[0])
 
     def get(extractor):
         return features.cached_features(
@@ -269,7 +270,7 @@ def test_feature_cache_reused_and_invalidated(runs, data, tmp_path, monkeypatch)
     np.testing.assert_array_equal(y, y2)
     get(features.FeatureExtractor(member, layer="stage3"))  # Another layer.
     get(features.FeatureExtractor(member, views="flip"))  # Other preprocessing.
-    get(features.FeatureExtractor(evaluate.load_member(runs[1])))  # Other checkpoint.
+    get(features.FeatureExtractor(runs.load(run_dirs[1])))  # Other checkpoint.
     assert len(calls) == 4
     stage3, _, _ = get(features.FeatureExtractor(member, layer="stage3"))
     assert stage3.shape == (21, 64) and len(calls) == 4
@@ -282,8 +283,8 @@ def test_feature_cache_reused_and_invalidated(runs, data, tmp_path, monkeypatch)
     assert len(chunks) >= 4 * 3  # 21 rows in chunks of 8 rows per cache.
 
 
-def test_spatial_layer_unpooled_and_unknown_layer_error(runs, data):
-    member = evaluate.load_member(runs[0])
+def test_spatial_layer_unpooled_and_unknown_layer_error(run_dirs, data):
+    member = runs.load(run_dirs[0])
     source = sources.ImageFolderSource(os.path.join(data, "val"), list(CLASSES))
     x, _, _ = features.FeatureExtractor(member, layer="stage4", pool=False).extract(source, 8)
     assert x.shape == (21, 4, 4, 128)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxres.data import prepare, sources, splits, transforms
+from jaxres.data import sources, splits, statistics, transforms
+from jaxres.data.prepare import recipes
 from jaxres.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def test_caltech101_archive_zip_and_folder_agree(tmp_path, caplog):
     members = caltech101_members()
     (tmp_path / "a").mkdir()
     write_tar(tmp_path / "a" / "101_ObjectCategories.tar.gz", members, "w:gz")
-    out = prepare.prepare_caltech101(tmp_path / "a", tmp_path / "out_a")
+    out = recipes.prepare_caltech101(tmp_path / "a", tmp_path / "out_a")
     meta = json.loads((out / sources.RECORDS_METADATA).read_text())
     assert meta["class_names"] == ["Faces", "accordion"]  # BACKGROUND_Google dropped.
     assert meta["splits"]["all"]["skipped"] == ["accordion/image_0005.jpg"]
@@ -89,7 +90,7 @@ def test_caltech101_archive_zip_and_folder_agree(tmp_path, caplog):
     for manual in ("b", "c"):
         other = read_all(
             sources.ArrayRecordSource(
-                prepare.prepare_caltech101(tmp_path / manual, tmp_path / f"out_{manual}"), "all"
+                recipes.prepare_caltech101(tmp_path / manual, tmp_path / f"out_{manual}"), "all"
             )
         )
         assert other == records
@@ -98,12 +99,12 @@ def test_caltech101_archive_zip_and_folder_agree(tmp_path, caplog):
 def test_prepare_is_idempotent_and_open_source_finds_it(tmp_path):
     (tmp_path / "m").mkdir()
     write_tar(tmp_path / "m" / "101_ObjectCategories.tar.gz", caltech101_members(), "w:gz")
-    out = prepare.prepare_caltech101(tmp_path / "m")
+    out = recipes.prepare_caltech101(tmp_path / "m")
     stamp = (out / sources.RECORDS_METADATA).stat().st_mtime_ns
-    prepare.prepare_caltech101(tmp_path / "m")
+    recipes.prepare_caltech101(tmp_path / "m")
     assert (out / sources.RECORDS_METADATA).stat().st_mtime_ns == stamp
     with pytest.raises(DataError, match="--overwrite"):
-        prepare.prepare_caltech101(tmp_path / "m", resize_shorter=20)
+        recipes.prepare_caltech101(tmp_path / "m", resize_shorter=20)
     dataset = ml_collections.ConfigDict(
         {"name": "caltech101", "data_dir": str(tmp_path / "m"), "train_split": "all"}
     )
@@ -115,9 +116,9 @@ def test_prepare_is_idempotent_and_open_source_finds_it(tmp_path):
 
 def test_missing_archive_names_expected_files(tmp_path):
     with pytest.raises(DataError, match="101_ObjectCategories.tar.gz, caltech-101.zip"):
-        prepare.prepare_caltech101(tmp_path)
+        recipes.prepare_caltech101(tmp_path)
     with pytest.raises(DataError, match="ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar"):
-        prepare.prepare_imagenet2012(tmp_path, tmp_path / "tfds")
+        recipes.prepare_imagenet2012(tmp_path, tmp_path / "tfds")
     result = subprocess.run(
         [
             sys.executable,
@@ -142,9 +143,9 @@ def test_caltech256_clutter_dropped_by_default(tmp_path):
             )
     members["256_ObjectCategories/198.spider/RENAME2"] = b"not an image"
     write_tar(tmp_path / "256_ObjectCategories.tar", members)
-    out = prepare.prepare_caltech256(tmp_path, tmp_path / "default")
+    out = recipes.prepare_caltech256(tmp_path, tmp_path / "default")
     assert sources.ArrayRecordSource(out, "all").class_names == ["001.ak47", "002.american-flag"]
-    out = prepare.prepare_caltech256(tmp_path, tmp_path / "kept", keep_clutter=True)
+    out = recipes.prepare_caltech256(tmp_path, tmp_path / "kept", keep_clutter=True)
     source = sources.ArrayRecordSource(out, "all")
     assert source.class_names[-1] == "257.clutter" and list(source.labels) == [0, 0, 1, 1, 2, 2]
 
@@ -158,10 +159,10 @@ def test_indoor67_official_lists(tmp_path):
             (test if i == 0 else train).append(key)
     write_tar(tmp_path / "indoorCVPR_09.tar", members)
     with pytest.raises(DataError, match="TrainImages.txt"):
-        prepare.prepare_indoor67(tmp_path)
+        recipes.prepare_indoor67(tmp_path)
     (tmp_path / "TrainImages.txt").write_text("\n".join(train) + "\n")
     (tmp_path / "TestImages.txt").write_text("\n".join(test) + "\n")
-    out = prepare.prepare_indoor67(tmp_path)
+    out = recipes.prepare_indoor67(tmp_path)
     train_src, test_src = (
         sources.ArrayRecordSource(out, "train"),
         sources.ArrayRecordSource(out, "test"),
@@ -180,12 +181,12 @@ def make_image_folder(root: Path, per_class=(6, 4)) -> Path:
 
 def test_imagefolder_stratified_split_and_lists(tmp_path):
     root = make_image_folder(tmp_path / "photos")
-    out = prepare.prepare_imagefolder(root, tmp_path / "data", "mine", val_fraction=0.5, seed=3)
+    out = recipes.prepare_imagefolder(root, tmp_path / "data", "mine", val_fraction=0.5, seed=3)
     val = sources.ArrayRecordSource(out, "val")
     assert np.bincount(val.labels).tolist() == [3, 2]  # Half of every class.
     assert len(sources.ArrayRecordSource(out, "train")) == 5
     with pytest.raises(DataError, match="not a prepared dataset"):  # Would replace the images.
-        prepare.prepare_imagefolder(root, tmp_path, "photos")
+        recipes.prepare_imagefolder(root, tmp_path, "photos")
     assert len(sources.ImageFolderSource(root)) == 10
     written = splits.write_split_lists(root, 0.5, seed=3)
     assert sorted(written) == ["train", "val"]
@@ -232,7 +233,7 @@ def test_imagenet2012_through_tfds_builder(tmp_path):
     )
     make_imagenet_tars(tmp_path / "manual")
     data_dir = tmp_path / "tfds"
-    out = prepare.prepare_imagenet2012(
+    out = recipes.prepare_imagenet2012(
         tmp_path / "manual", data_dir, resize_shorter=40, jpeg_quality=90
     )
     train = sources.TfdsSource("imagenet2012", "train", str(data_dir))
@@ -262,7 +263,7 @@ def test_imagenet2012_through_tfds_builder(tmp_path):
     )
     assert sorted(resized.labels.tolist()) == sorted(train.labels.tolist())
     assert all(min(transforms.decode(r["image"]).size) == 40 for r in read_all(resized))
-    prepare.prepare_imagenet2012(
+    recipes.prepare_imagenet2012(
         tmp_path / "manual", data_dir, resize_shorter=40, jpeg_quality=90
     )  # Idempotent.
 
@@ -274,10 +275,12 @@ def test_dataset_statistics_of_solid_colours(tmp_path):
             out = io.BytesIO()
             Image.new("RGB", (32, 24), colour).save(out, "JPEG", quality=95)
             (tmp_path / f"c{c}" / f"{i}.jpg").write_bytes(out.getvalue())
-    stats = prepare.dataset_statistics(sources.ImageFolderSource(tmp_path), max_images=0)
+    stats = statistics.dataset_statistics(sources.ImageFolderSource(tmp_path), max_images=0)
     assert stats["class_counts"] == {"c0": 2, "c1": 3} and stats["images_used"] == 5
     # 2 red and 3 blue images: mean (2 * 200 + 3 * 40) / 5 = 104 red, std sqrt(0.24) * 160 = 78.4.
     np.testing.assert_allclose(stats["mean"], [104, 40, 136], atol=2)
     np.testing.assert_allclose(stats["std"], [78.4, 0, 78.4], atol=2)
-    sample = prepare.dataset_statistics(sources.ImageFolderSource(tmp_path), max_images=2, seed=1)
+    sample = statistics.dataset_statistics(
+        sources.ImageFolderSource(tmp_path), max_images=2, seed=1
+    )
     assert sample["images_used"] == 2

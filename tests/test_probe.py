@@ -10,8 +10,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.preprocessing import StandardScaler
 
-from jaxres import parallel, probe
+from jaxres import parallel
 from jaxres.errors import ConfigError
+from jaxres.transfer import probe
 
 
 def blobs(

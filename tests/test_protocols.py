@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 from test_evaluate import make_run, run_config, write_folder
 
-from jaxres import protocols, train
+from jaxres import config_transfer, train
 from jaxres.errors import ConfigError, DataError
+from jaxres.transfer import runner, sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["a", "b", "c", "d"]
@@ -26,7 +27,7 @@ NAMES = ["a", "b", "c", "d"]
 
 def test_pool_trials_are_balanced_seeded_disjoint_and_nested():
     labels = np.repeat(np.arange(4), [40, 35, 60, 31])
-    trials = protocols.sample_pool_trials(labels, NAMES, [15, 30], 50, True, trials=3, seed=7)
+    trials = sampling.sample_pool_trials(labels, NAMES, [15, 30], 50, True, trials=3, seed=7)
     assert [(t.per_class, t.trial, t.seed) for t in trials] == [
         (n, t, 7 + t) for n in (15, 30) for t in range(3)
     ]
@@ -38,7 +39,7 @@ def test_pool_trials_are_balanced_seeded_disjoint_and_nested():
         assert not set(t.train) & set(t.test)
     assert set(trials[0].train) <= set(trials[3].train)  # Trial 0 at N=15 inside trial 0 at N=30.
     assert not np.array_equal(trials[0].train, trials[1].train)
-    again = protocols.sample_pool_trials(labels, NAMES, [15, 30], 50, True, trials=3, seed=7)
+    again = sampling.sample_pool_trials(labels, NAMES, [15, 30], 50, True, trials=3, seed=7)
     for a, b in zip(trials, again):
         np.testing.assert_array_equal(a.train, b.train)
         np.testing.assert_array_equal(a.test, b.test)
@@ -46,7 +47,7 @@ def test_pool_trials_are_balanced_seeded_disjoint_and_nested():
 
 def test_split_trials_sample_train_and_keep_the_whole_test_split():
     labels = np.repeat(np.arange(4), 12)
-    trials = protocols.sample_split_trials(labels, 30, NAMES, [1, 5, 0], trials=3, seed=0)
+    trials = sampling.sample_split_trials(labels, 30, NAMES, [1, 5, 0], trials=3, seed=0)
     assert [t.per_class for t in trials] == [1, 1, 1, 5, 5, 5, 0]  # N = 0: all train, one trial.
     for t in trials:
         expected = t.per_class or 12
@@ -60,21 +61,21 @@ def test_short_and_empty_classes_are_one_line_data_errors():
         DataError,
         match=r"Class 'd' has 31 images in the pool but the protocol needs 31 train \+ at least 1 test",
     ):
-        protocols.sample_pool_trials(labels, NAMES, [31], 50, True, 1, 0)
+        sampling.sample_pool_trials(labels, NAMES, [31], 50, True, 1, 0)
     with pytest.raises(
         DataError,
         match=r"Class 'b' has 35 images .* needs 15 train \+ 25 test \(1 more classes are short\)",
     ):
-        protocols.sample_pool_trials(labels, NAMES, [10, 15], 25, False, 1, 0)
+        sampling.sample_pool_trials(labels, NAMES, [10, 15], 25, False, 1, 0)
     with pytest.raises(DataError, match=r"Class 'e' has no images .*exclude_classes=e"):
-        protocols.sample_split_trials(labels, 10, NAMES + ["e"], [5], 1, 0)
+        sampling.sample_split_trials(labels, 10, NAMES + ["e"], [5], 1, 0)
 
 
 def tiny_protocol(run: str, data_dir: str, **protocol) -> ml_collections.ConfigDict:
-    c = protocols.base_transfer_config()
+    c = config_transfer.base_transfer_config()
     c.model.checkpoint = run
     c.dataset.name, c.dataset.data_dir = "imagefolder", data_dir
-    c.features.batch_size = 8
+    c.eval_batch_size = 8
     c.protocol.update(protocol)
     c.probe.logistic_l2s = "1e-1,1e-2"
     c.probe.ridge_l2s = "1e-2,1"
@@ -101,7 +102,7 @@ def test_pool_protocol_end_to_end(toy, tmp_path, capsys):
         test_per_class=5,
         trials=2,
     )
-    results = protocols.run_protocol(config, str(tmp_path))
+    results = runner.run_protocol(config, str(tmp_path))
     assert set(results["summary"]) == {"logistic", "ridge"}
     s = results["summary"]["logistic"]["4"]
     assert s["trials"] == 2 and 0 <= s["top1_mean"] <= 1 and s["top1_std"] >= 0
@@ -134,7 +135,7 @@ def test_linear_probe_script_reports_a_short_class_in_one_line(toy, tmp_path):
             f"--workdir={tmp_path}",
             f"--config.model.checkpoint={run}",
             f"--config.dataset.data_dir={data}",
-            "--config.features.batch_size=8",
+            "--config.eval_batch_size=8",
         ],
         check=False,
         capture_output=True,
@@ -151,13 +152,13 @@ def test_linear_probe_script_reports_a_short_class_in_one_line(toy, tmp_path):
 def test_bad_protocol_settings_are_config_errors(toy, tmp_path):
     run, data = toy
     with pytest.raises(ConfigError, match="Unknown class in config.protocol.exclude_classes 'dog'"):
-        protocols.run_protocol(
+        runner.run_protocol(
             tiny_protocol(run, data, exclude_classes="dog", per_class="2"), str(tmp_path)
         )
     with pytest.raises(ConfigError, match="Unknown config.protocol.kind 'poool'"):
-        protocols.run_protocol(tiny_protocol(run, data, kind="poool"), str(tmp_path))
+        runner.run_protocol(tiny_protocol(run, data, kind="poool"), str(tmp_path))
     with pytest.raises(ConfigError, match="model.checkpoint"):
-        protocols.run_protocol(tiny_protocol("", data), str(tmp_path))
+        runner.run_protocol(tiny_protocol("", data), str(tmp_path))
 
 
 def test_transfer_configs_load():
@@ -170,8 +171,8 @@ def test_transfer_configs_load():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         config = module.get_config()
-        assert set(config) == set(protocols.base_transfer_config())
-        assert protocols.parse_list(config.protocol.per_class)
+        assert set(config) == set(config_transfer.base_transfer_config())
+        assert sampling.parse_list(config.protocol.per_class)
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +189,8 @@ def smoke_run(tmp_path_factory):
 
 
 def test_demo_probe_beats_chance_on_a_trained_run(smoke_run):
-    row = protocols.demo_probe(smoke_run)
+    row = runner.demo_probe(smoke_run)
     assert row["train"] == 1438 and row["count"] == 359  # The whole digits train / val splits.
     assert row["top1"] > 0.3 and "logistic" in row["what"]  # Chance is 0.1.
     assert os.listdir(os.path.join(smoke_run, "features"))
-    assert protocols.demo_probe(smoke_run, method="ridge")["top1"] > 0.3
+    assert runner.demo_probe(smoke_run, method="ridge")["top1"] > 0.3

@@ -11,7 +11,8 @@ import pytest
 
 from configs import demo
 from jaxres import checkpoint as ckpt_lib
-from jaxres import optim, parallel, train
+from jaxres import optim, parallel, runs, train
+from jaxres.data import transforms
 from jaxres.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 
 
@@ -29,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 def _setup(config, devices):
     mesh = parallel.make_mesh(devices)
-    model = train.create_model(config)
+    model = runs.build_model(config)
     schedule = optim.make_schedule(config.optimizer, config.batch_size, 8, 16)
     tx = optim.make_optimizer(config.optimizer, schedule)
     state = jax.jit(
@@ -94,13 +95,13 @@ def test_eval_counts_every_example(data_dir):
     mesh, state, _, eval_fn = _setup(config, jax.devices())
     _, val_source = train.load_sources(config)
     variables = train.eval_variables(state, config)
-    result = train.evaluate(variables, eval_fn, val_source, config, mesh)
+    result = train.validate(variables, eval_fn, val_source, config, mesh)
     assert result["val_count"] == 37
     # The same top-1 by hand, one image at a time on one device.
-    model = train.create_model(config)
-    transform = train.transforms.EvalTransform(config.dataset.image_size, config.dataset.eval_crop_ratio)
+    model = runs.build_model(config)
+    transform = transforms.EvalTransform(config.dataset.image_size, config.dataset.eval_crop_ratio)
     examples = [transform(val_source[i]) for i in range(37)]
-    images = train.normalize(jnp.stack([e["image"] for e in examples]), config.dataset.mean, config.dataset.std)
+    images = runs.normalize(jnp.stack([e["image"] for e in examples]), config.dataset.mean, config.dataset.std)
     logits, _ = model.apply(parallel.fetch(variables), images, train=False)
     labels = np.array([e["label"] for e in examples])
     assert result["val_top1"] == pytest.approx(float((np.argmax(logits, -1) == labels).mean()))
@@ -129,7 +130,7 @@ def test_train_resume_and_checkpoint_policy(data_dir, tmp_path):
     # init_from: a 5-class model takes every weight but the head from this run.
     five = smoke_config(data_dir, init_from=workdir, **{"dataset.num_classes": 5})
     mesh = parallel.make_mesh()
-    model = train.create_model(five)
+    model = runs.build_model(five)
     tx = optim.make_optimizer(five.optimizer, optim.make_schedule(five.optimizer, 32, 8, 16))
     target = ckpt_lib.Checkpointer(str(tmp_path / "five" / "checkpoints"))
     fine = train.restore_or_init(five, target, model, tx, mesh)

@@ -19,7 +19,7 @@ Expected: an ImageNet ResNet-50 reaches roughly 90% mean per-class accuracy at
 ImageNet ResNet-50 features); not yet reproduced here.
 """
 
-from jaxres.protocols import base_transfer_config
+from jaxres.config_transfer import base_transfer_config
 
 
 def get_config(arg: str = ""):

@@ -14,7 +14,7 @@ naming the short classes). Expected: ImageNet ResNet-50 features with logistic
 regression give roughly 80-85% top-1 at 60 per class (not reproduced here).
 """
 
-from jaxres.protocols import base_transfer_config
+from jaxres.config_transfer import base_transfer_config
 
 
 def get_config(arg: str = ""):

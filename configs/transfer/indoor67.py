@@ -11,7 +11,7 @@ then refit on all. Mean per-class accuracy is the number usually reported.
 Expected: ImageNet ResNet-50 features reach roughly 70-75% (not reproduced here).
 """
 
-from jaxres.protocols import base_transfer_config
+from jaxres.config_transfer import base_transfer_config
 
 
 def get_config(arg: str = ""):
@@ -20,8 +20,7 @@ def get_config(arg: str = ""):
     c.dataset.name = "indoor67"
     c.dataset.data_dir = ""
     c.protocol.kind = "split"
-    c.protocol.train_split = "train"
-    c.protocol.test_split = "test"
+    c.dataset.train_split, c.dataset.val_split = "train", "test"
     c.protocol.per_class = "0"  # All train images.
     c.protocol.trials = 1
     return c

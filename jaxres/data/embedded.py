@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jaxres.data.sources import IMAGE_FOLDER_DONE
-
 DIGITS_IMAGE_SIZE = 32
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+DONE_MARKER = ".complete"  # Written last: the folder is complete.
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -40,7 +39,7 @@ def write_digits(root: str | os.PathLike) -> Path:
     Layout: `root/digits/{train,val}/<digit>/<index>.jpg`.
     """
     out = Path(root) / "digits"
-    if (out / IMAGE_FOLDER_DONE).exists():
+    if (out / DONE_MARKER).exists():
         return out
     from sklearn.datasets import load_digits  # Only needed once, to write the files.
 
@@ -56,7 +55,7 @@ def write_digits(root: str | os.PathLike) -> Path:
             (DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), Image.Resampling.BICUBIC
         )
         big.convert("RGB").save(folder / f"{index:04d}.jpg", quality=95)
-    (tmp / IMAGE_FOLDER_DONE).write_text("ok\n")
+    (tmp / DONE_MARKER).write_text("ok\n")
     try:
         tmp.rename(out)
     except OSError:  # Another process finished first.

@@ -16,8 +16,8 @@ Evaluation pads the split to a whole number of global batches with masked
 examples, so every example is counted exactly once on any number of hosts.
 
 A record that cannot be decoded arrives with `mask = 0` (see transforms.py);
-training batches have no padding, so `skipped_count(batch)` is the number of
-undecodable records in a batch, correct across grain worker processes.
+training batches have no padding, so their rows with mask 0 are the
+undecodable records, counted correctly across grain worker processes.
 
 Worker processes (`num_workers > 0`) receive the source and the transform by
 pickling: both must be picklable (sources open files lazily), and a script
@@ -125,11 +125,6 @@ class _MaskPadding:
         if not real:
             example["mask"] = np.float32(0)
         return example
-
-
-def skipped_count(batch: dict[str, np.ndarray]) -> int:
-    """Undecodable records in a training batch (rows with mask 0)."""
-    return int(np.size(batch["mask"]) - np.count_nonzero(batch["mask"]))
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:

@@ -37,12 +37,12 @@ import ml_collections
 import msgpack
 import numpy as np
 
+from jaxres.data import embedded
 from jaxres.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-IMAGE_FOLDER_DONE = ".complete"
 EMBEDDED = ("digits",)
 
 RECORDS_METADATA = "jaxres_dataset.json"
@@ -316,8 +316,6 @@ def open_source(
 ) -> ImageFolderSource | ListFileSource | ArrayRecordSource | TfdsSource:
     """The source for `split` of `dataset` (`config.dataset`)."""
     if dataset.name in EMBEDDED:
-        from jaxres.data import embedded
-
         root = embedded.write_digits(os.path.expanduser(dataset.data_dir))
         return ImageFolderSource(root / split)
     if dataset.name == "imagefolder":

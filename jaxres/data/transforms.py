@@ -18,9 +18,9 @@ decode through PIL to RGB. A truncated JPEG decodes as far as its data goes
 (PIL's `LOAD_TRUNCATED_IMAGES`, turned on only for that retry, under a lock)
 and is logged. A record that still cannot be decoded (zero bytes, garbage)
 becomes a black image with `mask = 0`, logged with its key: a corrupt file
-never stops an epoch and never counts in the loss or in a metric. Counting
-happens in the batch (`pipeline.masked_count`), so it is right across grain
-worker processes.
+never stops an epoch and never counts in the loss or in a metric. The train
+step counts the batch's mask-0 rows (`skipped` in the metrics), so the count is
+right across grain worker processes.
 """
 
 from __future__ import annotations
@@ -254,18 +254,6 @@ def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
     """(w, h) with the shorter side `size` and the aspect ratio kept."""
     scale = size / min(width, height)
     return max(size, round(width * scale)), max(size, round(height * scale))
-
-
-def resize_shorter(image: Image.Image, size: int) -> Image.Image:
-    """Resizes a PIL image so the shorter side is `size` (bilinear, antialiased)."""
-    return image.resize(shorter_side_size(*image.size, size), Image.Resampling.BILINEAR)
-
-
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """The central `size` x `size` window of a PIL image."""
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxres import parallel, probe, protocols
+from jaxres import parallel
+from jaxres.config_transfer import base_transfer_config
+from jaxres.transfer import probe, runner, sampling
 
 CALTECH101_SHAPE = {"num_classes": 102, "dim": 2048, "train_per_class": 30, "test_per_class": 50}
 
@@ -181,16 +183,16 @@ def protocol_sweep(
     (warm-started along the sweep) or "sklearn_cold"."""
     x, y = pool
     names = [str(c) for c in range(int(y.max()) + 1)]
-    trials = protocols.sample_pool_trials(y, names, [15, 30], 50, True, trials=5, seed=0)
+    trials = sampling.sample_pool_trials(y, names, [15, 30], 50, True, trials=5, seed=0)
     l2s = list(probe.LOGISTIC_L2S if method == "logistic" else probe.RIDGE_L2S)
-    config = protocols.base_transfer_config().probe
+    config = base_transfer_config().probe
     config.tol = tol
     mesh = probe.fit_mesh()
     start, rows = time.perf_counter(), []
     for trial in trials:
         train, test = (x[trial.train], y[trial.train]), (x[trial.test], y[trial.test])
         if backend == "ours":
-            row, _ = protocols.fit_and_score(
+            row, _ = runner.fit_and_score(
                 method, config, trial.seed, train, test, len(names), mesh
             )
         else:
@@ -279,15 +281,14 @@ def _time_batches(run: Callable[[], Any], batch: int, steps: int, warmup: int) -
 
 
 def jax_features_speed(model_name: str, batch: int, size: int, steps: int, warmup: int) -> float:
-    """img/s of `jaxres.features.FeatureExtractor`'s jitted pre_logits pass over every device.
+    """img/s of `jaxres.transfer.features.FeatureExtractor`'s jitted pre_logits pass, all devices.
 
     float32, uint8 input normalised on device, the batch sharded over the mesh, exactly
     as `scripts/linear_probe.py` runs it (on CPU, one device per core: see
     `parallel.use_one_cpu_device_per_core`).
     """
-    from jaxres import config_base, models
-    from jaxres.evaluate import Member
-    from jaxres.features import FeatureExtractor
+    from jaxres import config_base, models, runs
+    from jaxres.transfer.features import FeatureExtractor
 
     config = config_base.base_config()
     config.model.name, config.dataset.image_size = model_name, size
@@ -295,7 +296,10 @@ def jax_features_speed(model_name: str, batch: int, size: int, steps: int, warmu
     variables = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0), jnp.zeros((1, size, size, 3))
     )
-    extractor = FeatureExtractor(Member("", 0, config, model, jax.device_get(variables)))
+    loaded = runs.LoadedRun(
+        run="", step=0, config=config, model=model, variables=jax.device_get(variables), meta={}
+    )
+    extractor = FeatureExtractor(loaded)
     images = parallel.place(
         np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8),
         parallel.batch_sharding(extractor.mesh),

@@ -22,9 +22,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxres import config_base, optim, parallel, train
+from jaxres import config_base, optim, parallel, runs, train
+from jaxres.data import loader
 
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results.jsonl")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS = os.path.join(_REPO, "benchmarks", "results.jsonl")
 
 
 def device_name(framework: str = "jax") -> str:
@@ -77,7 +79,7 @@ def _synthetic(batch_size: int, image_size: int, num_classes: int, leading: tupl
 def _train_setup(config) -> tuple:
     """Mesh, a fresh replicated TrainState and the jitted train / eval steps of `config`."""
     mesh = parallel.make_mesh()
-    net = train.create_model(config)
+    net = runs.build_model(config)
     schedule = optim.make_schedule(config.optimizer, config.batch_size, 1000, 100000)
     tx = optim.make_optimizer(config.optimizer, schedule)
     state = jax.jit(lambda r: train.init_state(net, tx, config, r), out_shardings=parallel.replicated(mesh))(
@@ -103,7 +105,9 @@ def bench_jax(what: str, model: str, batch_size: int, dtype: str, steps: int, wa
             return holder[0].step
     else:
         batch = parallel.to_global(_synthetic(batch_size, image_size, num_classes), mesh)
-        variables = train.eval_variables(state, config)
+        variables = runs.eval_variables(
+            state.params, state.ema_params, state.batch_stats, config.ema_decay
+        )
         start = time.perf_counter()
         compiled = eval_fn.lower(variables, batch).compile()
         compile_s = time.perf_counter() - start
@@ -112,10 +116,15 @@ def bench_jax(what: str, model: str, batch_size: int, dtype: str, steps: int, wa
             return compiled(variables, batch)
 
     times = time_steps(run, steps, warmup)
-    return _row(what, "jax", model, batch_size, dtype, times, compile_s)
+    return result_row(what, "jax", model, batch_size, dtype, times, compile_s)
 
 
-def _row(what, framework, model, batch_size, dtype, times, compile_s, **extra) -> dict[str, Any]:
+def result_row(what: str, framework: str, model: str, batch_size: int, dtype: str,
+               times: list[float], compile_s: float, **extra: Any) -> dict[str, Any]:
+    """One results.jsonl row: img/s at the median of `times` (s/step), device, versions, command.
+
+    `extra` adds keys (e.g. the torch version, the e2e worker count).
+    """
     median = statistics.median(times)
     return {
         "what": what,
@@ -139,6 +148,7 @@ def _row(what, framework, model, batch_size, dtype, times, compile_s, **extra) -
 
 
 def append_result(row: dict[str, Any], path: str = RESULTS) -> None:
+    """Appends `row` as one JSON line to `path` (default: benchmarks/results.jsonl)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -189,13 +199,14 @@ def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, 
     else:
         from pathlib import Path
 
-        from jaxres import bench_input
+        from jaxres.bench import input as bench_input
 
         tmp = tempfile.mkdtemp(prefix="jaxres_e2e_")
         source = bench_input.write_records(Path(tmp) / "e2e", bench_input.make_jpegs(1024))
     mesh, state, step_fn, _ = _train_setup(config)
     synthetic = parallel.to_global(_synthetic(batch_size, image_size, 1000, (1,)), mesh, batch_axis=1)
-    batches = parallel.prefetch_to_device(train._micro_batches(config, source, 0), mesh, batch_axis=1)
+    micro_batches = loader.train_micro_batches(config, source, 0)
+    batches = parallel.prefetch_to_device(micro_batches, mesh, batch_axis=1)
     holder = [state]
 
     def run(batch):
@@ -212,9 +223,9 @@ def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, 
         last = run(next(batches))
     jax.block_until_ready(last)
     e2e_step = (time.perf_counter() - start) / steps
-    row = _row("e2e", "jax", model, batch_size, dtype, [e2e_step], 0.0,
-               num_workers=num_workers, decoder=decoder,
-               dataset=dataset or "synthetic JPEG records (500x375 q90)")
+    row = result_row("e2e", "jax", model, batch_size, dtype, [e2e_step], 0.0,
+                     num_workers=num_workers, decoder=decoder,
+                     dataset=dataset or "synthetic JPEG records (500x375 q90)")
     row["synthetic_img_per_sec"] = batch_size / statistics.median(synthetic_times)
     row["e2e_over_synthetic"] = row["img_per_sec"] / row["synthetic_img_per_sec"]
     return row

@@ -1,6 +1,6 @@
 """Features of a named layer, from a jitted sharded forward pass, cached on disk.
 
-    extractor = FeatureExtractor(load_member("runs/r50", "best"), layer="pre_logits")
+    extractor = FeatureExtractor(runs.load("runs/r50", "best"), layer="pre_logits")
     feats, labels, mask = cached_features(extractor, source, {"name": ..., "split": ...}, "W/features")
 
 Layers are the keys of the model's feature dict: "stem", "stage1".."stage4",
@@ -28,26 +28,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxres import parallel
-from jaxres.data import pipeline
+from jaxres import parallel, runs
+from jaxres.config_transfer import DEFAULT_LAYER
+from jaxres.data import loader
 from jaxres.errors import ConfigError, unknown_name
-from jaxres.evaluate import Member, ModelSpec, progress, view_transform
+from jaxres.metrics import progress_bar
 
-DEFAULT_LAYER = "pre_logits"
 CACHE_FORMAT = 1
 
 
-def layer_names(member: Member) -> list[str]:
-    """The layer names `member`'s model returns features for."""
-    size = member.config.dataset.image_size
+def layer_names(loaded: runs.LoadedRun) -> list[str]:
+    """The layer names `loaded`'s model returns features for."""
+    size = loaded.config.dataset.image_size
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     _, features = jax.eval_shape(
-        functools.partial(member.model.apply, train=False), member.variables, x
+        functools.partial(loaded.model.apply, train=False), loaded.variables, x
     )
     return list(features)
 
 
-def _features(variables, images, *, spec: ModelSpec, layer: str, pool: bool) -> jax.Array:
+def _features(variables, images, *, spec: runs.ModelSpec, layer: str, pool: bool) -> jax.Array:
     _, features, k = spec.apply(variables, images)
     f = features[layer].astype(jnp.float32)
     if pool and f.ndim == 4:
@@ -56,10 +56,10 @@ def _features(variables, images, *, spec: ModelSpec, layer: str, pool: bool) -> 
 
 
 class FeatureExtractor:
-    """A member's features of one layer over a source, batch-sharded over the mesh.
+    """A run's features of one layer over a source, batch-sharded over the mesh.
 
     Args:
-      member: from `jaxres.evaluate.load_member`.
+      member: from `jaxres.runs.load`.
       layer: a name from `layer_names(member)`.
       pool: global-average-pool spatial layers to [N, C].
       views: "center", "flip" (centre + mirror, averaged) or "10crop".
@@ -69,7 +69,7 @@ class FeatureExtractor:
 
     def __init__(
         self,
-        member: Member,
+        member: runs.LoadedRun,
         layer: str = DEFAULT_LAYER,
         pool: bool = True,
         views: str = "center",
@@ -83,11 +83,11 @@ class FeatureExtractor:
         self.member, self.layer, self.pool, self.views = member, layer, pool, views
         self.image_size = image_size or member.config.dataset.image_size
         self.crop_ratio = crop_ratio or member.config.dataset.eval_crop_ratio
-        self.transform = view_transform(self.image_size, self.crop_ratio, views)
+        self.transform = loader.view_transform(self.image_size, self.crop_ratio, views)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
         self.variables = parallel.replicate(member.variables, self.mesh)
-        fn = functools.partial(_features, spec=ModelSpec.of(member), layer=layer, pool=pool)
+        fn = functools.partial(_features, spec=runs.ModelSpec.of(member), layer=layer, pool=pool)
         self.fn = jax.jit(fn, in_shardings=(replicated, data), out_shardings=data)
 
     def description(self) -> dict[str, Any]:
@@ -120,18 +120,9 @@ class FeatureExtractor:
           batch_size: global batch, a multiple of the device count.
           on_rows: called with each batch's host (features, labels, mask) rows as they arrive.
         """
-        parallel.check_batch_size(batch_size, self.mesh, "features.batch_size")
-        batches = pipeline.eval_batches(
-            source,
-            self.transform,
-            global_batch_size=batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        num = pipeline.num_eval_batches(len(source), batch_size)
-        device_batches = parallel.prefetch_to_device(batches, self.mesh)
+        num, batches = loader.device_eval_batches(source, self.transform, batch_size, self.mesh)
         parts, remaining = [], len(source)
-        for _, batch in progress(zip(range(num), device_batches), num, f"features {self.layer}"):
+        for batch in progress_bar(batches, num, f"features {self.layer}"):
             rows = [
                 parallel.gather_rows(a)
                 for a in (self.fn(self.variables, batch["image"]), batch["label"], batch["mask"])
@@ -165,7 +156,7 @@ def cached_features(
     source: Any,
     dataset: dict[str, Any],
     cache_dir: str,
-    batch_size: int = 64,
+    batch_size: int,
     chunk_rows: int = 4096,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`extractor.extract(source)`, read from `cache_dir` when an identical run wrote it.

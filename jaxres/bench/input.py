@@ -1,6 +1,6 @@
 """Input pipeline benchmark: images/s of the train and eval transforms, ours vs tf.data vs plain PIL.
 
-    from jaxres.bench_input import run_input_benchmark, format_markdown
+    from jaxres.bench.input import run_input_benchmark, format_markdown
     print(format_markdown(run_input_benchmark()))
 
 What it measures, on the same ImageNet-like JPEGs (made here: smooth random
@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxres.data import pipeline, prepare, sources, transforms
+from jaxres.data import pipeline, sources, transforms
+from jaxres.data.prepare import records as prepare_records
 
 EVAL_RESIZE_SHORTER = 256
 PRE_RESIZED_SHORTER = 256
@@ -74,13 +75,13 @@ def write_records(
         (f"{i // 64:03d}/{i:05d}.JPEG", i // 64, (lambda d=d: d)) for i, d in enumerate(images)
     ]
     names = [f"{c:03d}" for c in range(math.ceil(len(images) / 64))]
-    prepare.write_record_dataset(
+    prepare_records.write_record_dataset(
         directory,
-        {"train": prepare.RecordList(entries)},
+        {"train": prepare_records.RecordList(entries)},
         names,
-        source="bench_input.make_jpegs",
+        source="jaxres.bench.input.make_jpegs",
         resize_shorter=resize_shorter,
-        jpeg_quality=prepare.RESIZED_JPEG_QUALITY,
+        jpeg_quality=prepare_records.RESIZED_JPEG_QUALITY,
     )
     return sources.ArrayRecordSource(directory, "train")
 
@@ -114,10 +115,24 @@ def _pil_train(image_size: int) -> Callable[[dict], np.ndarray]:
     return fn
 
 
+def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """Resizes a PIL image so the shorter side is `size` (bilinear, antialiased)."""
+    return image.resize(transforms.shorter_side_size(*image.size, size), Image.Resampling.BILINEAR)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The central `size` x `size` window of a PIL image."""
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 def _pil_eval(image_size: int) -> Callable[[dict], np.ndarray]:
+    """Plain PIL: full decode, resize the whole image to shorter side 256, centre crop."""
+
     def fn(record):
-        image = transforms.resize_shorter(transforms.decode(record["image"]), EVAL_RESIZE_SHORTER)
-        return np.asarray(transforms.center_crop(image, image_size))
+        image = _resize_shorter(transforms.decode(record["image"]), EVAL_RESIZE_SHORTER)
+        return np.asarray(_center_crop(image, image_size))
 
     return fn
 

@@ -5,7 +5,7 @@
     python scripts/evaluate.py --workdir runs/keras_resnet50v2
 
 `convert` reads a local file (it never downloads) into jaxres variables;
-`save_run` writes a run-like directory (`config.json` + `checkpoints/` step 0)
+`save_run` writes a run directory (`runs.write_run`: `config.json` + `checkpoints/` step 0)
 that `evaluate`, `predict`, `linear_probe` and the trainer's `init_from` accept.
 
 Every source network is one of the registered jaxres models, with `ResNet` field
@@ -52,12 +52,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxres import checkpoint as ckpt_lib
-from jaxres import convert_sources as src
-from jaxres import models
+from jaxres import models, runs
 from jaxres.config_base import IMAGENET_MEAN, IMAGENET_STD, base_config
+from jaxres.convert import formats as src
 from jaxres.errors import CheckpointError, ConfigError, unknown_name
-from jaxres.metrics import MetricWriter
 
 SOURCES = ("keras", "timm", "torchvision", "bit_npz")
 
@@ -141,10 +139,23 @@ def architecture(source: str, name: str) -> Architecture:
             raise ConfigError(unknown_name("Keras Applications model", name, _KERAS_NAMES))
         model, v2 = _KERAS[key]
         return Architecture(model, dict(KERAS_V2 if v2 else KERAS_V1), "[-1,1]" if v2 else "caffe")
-    valid = {"timm": _TIMM, "torchvision": _TORCHVISION, "bit_npz": _BIT}[source]
+    valid = source_models(source)
     if name not in valid:
         raise ConfigError(unknown_name(f"{source} model", name, valid))
     return Architecture(name, {}, "[-1,1]" if name in _BIT else "imagenet")
+
+
+def source_models(source: str) -> tuple[str, ...]:
+    """The model names `architecture(source, name)` accepts (the importer's and exporter's twins).
+
+    Raises:
+      ConfigError: unknown source.
+    """
+    if source not in SOURCES:
+        raise ConfigError(unknown_name("weights source", source, SOURCES))
+    return {"keras": _KERAS_NAMES, "timm": _TIMM, "torchvision": _TORCHVISION, "bit_npz": _BIT}[
+        source
+    ]
 
 
 @dataclasses.dataclass
@@ -167,7 +178,7 @@ class Converted:
     num_classes: int
     variables: dict[str, Any]
 
-    def create_model(self, dtype: str = "float32") -> models.ResNet:
+    def module(self, dtype: str = "float32") -> models.ResNet:
         """The jaxres module these variables belong to."""
         arch = self.architecture
         return models.create_model(arch.model, self.num_classes, dtype, **arch.overrides)
@@ -221,14 +232,14 @@ def convert(source: str, model: str, path: str) -> Converted:
         tensors, layout_fn = src.read_torch(path), src.torch_layout
         key_fn = functools.partial(src.torch_key, preact=preact)
     if source == "keras" and any(k.startswith("layers/") for k in tensors):
-        positional = src.keras_positional_keys(_modules(_template(arch, 1)), preact)
+        positional = src.keras_positional_keys(_modules(template(arch, 1)), preact)
         aliases = {name: key for key, name in positional.items()}
         tensors = {positional.get(k, k): v for k, v in tensors.items()}
 
     head = tensors.get(key_fn("head", "kernel"))
     num_classes = 0 if head is None else int(layout_fn(head, "dense", "kernel").shape[-1])
     context = f"{path} ({source} {model})"
-    variables = assign(_template(arch, num_classes), tensors, key_fn, layout_fn, context, aliases)
+    variables = assign(template(arch, num_classes), tensors, key_fn, layout_fn, context, aliases)
     if arch.preprocessing == "caffe":  # Fold Caffe's BGR input order into the first conv.
         stem = variables["params"]["stem_conv"]
         stem["kernel"] = np.ascontiguousarray(stem["kernel"][:, :, ::-1, :])
@@ -236,7 +247,7 @@ def convert(source: str, model: str, path: str) -> Converted:
     return Converted(source, model, path, arch, num_classes, variables)
 
 
-def _template(arch: Architecture, num_classes: int) -> dict[str, Any]:
+def template(arch: Architecture, num_classes: int) -> dict[str, Any]:
     """Abstract variables (shapes only) of the architecture with `num_classes` outputs."""
     module = models.create_model(arch.model, num_classes, "float32", **arch.overrides)
     x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
@@ -283,7 +294,7 @@ def assign(
         return f"{key!r}" + (f" ({aliases[key]})" if key in aliases else "")
 
     flat, used = {}, {}
-    for path, abstract in _network_order(template):
+    for path, abstract in network_order(template):
         module, var = "/".join(path[1:-1]), path[-1]
         target = f"{module}/{var}"
         key = key_fn(module, var)
@@ -322,7 +333,7 @@ def assign(
 _VAR_ORDER = ("kernel", "scale", "bias", "mean", "var")
 
 
-def _network_order(template: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
+def network_order(template: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
     """Template leaves from input to head, so that the first missing tensor is reported."""
 
     def rank(path: tuple[str, ...]) -> tuple:
@@ -342,7 +353,7 @@ def _ignored(key: str) -> bool:
     return key.endswith(src.IGNORED_SUFFIXES) or key.startswith("optimizer/")
 
 
-def run_config(converted: Converted, image_size: int) -> ml_collections.ConfigDict:
+def imported_config(converted: Converted, image_size: int) -> ml_collections.ConfigDict:
     """A full jaxres config whose model, class count and normalisation match the source."""
     config = base_config()
     arch = converted.architecture
@@ -385,10 +396,6 @@ def save_run(
       CheckpointError: `output` already holds checkpoints.
       ConfigError: `class_names` does not have one name per class.
     """
-    output = os.path.abspath(os.path.expanduser(output))
-    ckpt_dir = os.path.join(output, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise CheckpointError(f"{output} already holds checkpoints; pass a new --output directory.")
     names = (
         list(class_names) if class_names is not None else default_class_names(converted.num_classes)
     )
@@ -397,32 +404,20 @@ def save_run(
             f"{len(names)} class names for a head of {converted.num_classes} classes; "
             "give one name per line."
         )
-    config = run_config(converted, image_size)
-    writer = MetricWriter(output, enabled=True, tensorboard=False)
-    writer.write_config(config)
-    writer.close()
-    meta = {
-        "step": 0,
-        "epoch": 0.0,
-        "data_position": 0,
-        "model": config.model.name,
-        "num_classes": converted.num_classes,
-        "image_size": image_size,
-        "dataset": "imported",
-        "config_json": config.to_json_best_effort(sort_keys=True),
-        "source": {
+    return runs.write_run(
+        output,
+        imported_config(converted, image_size),
+        converted.variables,
+        dataset="imported",
+        source={
             "format": converted.source,
             "model": converted.source_model,
             "file": converted.path,
             "sha256": _sha256(converted.path),
         },
-        "preprocessing": converted.preprocessing(image_size),
-        "class_names": names,
-    }
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep_latest=1, keep_best=1)
-    checkpointer.save(0, converted.variables, meta)
-    checkpointer.close()
-    return output
+        preprocessing=converted.preprocessing(image_size),
+        class_names=names,
+    )
 
 
 def _sha256(path: str) -> str:

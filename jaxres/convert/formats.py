@@ -1,4 +1,7 @@
-"""Readers and name maps of the weight formats `jaxres.convert` imports.
+"""Readers and name maps of the weight formats `jaxres.convert.importer` reads.
+
+`jaxres.convert.exporter` writes PyTorch state dicts through the same maps: `torch_key`
+names each tensor and `torch_unlayout` (the inverse of `torch_layout`) lays it out.
 
 A *source* turns a local file into `{key: numpy array}` and names, for every jaxres
 variable (`module`, `var`), the key holding it and how to re-lay it out. The key of
@@ -20,6 +23,7 @@ each position gets its layer name back.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -28,7 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from jaxres.errors import CheckpointError
+from jaxres.errors import CheckpointError, ConfigError
+
+
+def require(module: str) -> Any:
+    """Imports an optional reader (torch, safetensors, h5py), or says which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"Reading this weights file needs {module.split('.')[0]!r}, which is not installed; "
+            "install the convert extra: pip install -e '.[convert]'."
+        ) from None
 
 # Tensors a source may hold that have no jaxres counterpart, and why.
 IGNORED_SUFFIXES = (".num_batches_tracked",)  # PyTorch BatchNorm's step counter.
@@ -106,17 +121,39 @@ def torch_layout(array: np.ndarray, kind: str, var: str) -> np.ndarray:
     return array.T if kind == "dense" and array.ndim == 2 else array
 
 
+def torch_dense_as_conv(module: str, preact: bool) -> bool:
+    """Whether PyTorch holds this jaxres `Dense` as a 1x1 conv: timm SE layers, resnetv2 heads."""
+    return module.endswith(("se/fc1", "se/fc2")) or (preact and module == "head")
+
+
+def torch_unlayout(array: np.ndarray, kind: str, var: str, as_conv: bool = False) -> np.ndarray:
+    """jaxres layout -> PyTorch, the inverse of `torch_layout`: HWIO -> OIHW, [in, out] -> [out, in].
+
+    Args:
+      array: a jaxres variable.
+      kind: its module kind ("conv", "norm" or "dense", see `module_kind`).
+      var: its variable name ("kernel", "bias", ...).
+      as_conv: a dense kernel PyTorch stores as a 1x1 conv [out, in, 1, 1]
+        (`torch_dense_as_conv`).
+    """
+    if var != "kernel":
+        return array
+    if kind == "conv":
+        return array.transpose(3, 2, 0, 1)
+    if kind == "dense":
+        return array.T[:, :, None, None] if as_conv else array.T
+    return array
+
+
 def read_torch(path: str) -> dict[str, np.ndarray]:
     """A PyTorch state dict from `.safetensors`, or a `torch.save`d `.pth` / `.pt` / `.bin`."""
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
+        safetensors_numpy = require("safetensors.numpy")
         try:
-            return load_file(path)
+            return safetensors_numpy.load_file(path)
         except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file to the user.
             raise CheckpointError(f"{path} is not a readable .safetensors file ({e}).") from None
-    import torch
-
+    torch = require("torch")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickled modules, corrupt zips, wrong formats.
@@ -274,8 +311,7 @@ def read_keras(path: str) -> tuple[dict[str, np.ndarray], str | None]:
     Keras 2) give `layer/var` keys; Keras 3 `.weights.h5` and `.keras` files keep their
     positional keys (`layers/conv2d_3/vars/0`) for `keras_positional_keys` to rename.
     """
-    import h5py
-
+    h5py = require("h5py")
     model_name = None
     try:
         if path.endswith(".keras"):

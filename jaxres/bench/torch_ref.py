@@ -11,7 +11,7 @@ import statistics
 import time
 from typing import Any
 
-from jaxres import bench
+from jaxres.bench import steps as bench_steps
 
 
 def _model(name: str):
@@ -26,7 +26,7 @@ def _model(name: str):
 
 def bench_torch(what: str, model: str, batch_size: int, dtype: str, steps: int, warmup: int,
                 compile_model: bool = True, image_size: int = 224) -> dict[str, Any]:
-    """img/s of a torch train step or inference forward, timed like `bench.bench_jax`."""
+    """img/s of a torch train step or inference forward, timed as `steps.bench_jax` times ours."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,8 +71,8 @@ def bench_torch(what: str, model: str, batch_size: int, dtype: str, steps: int, 
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    row = bench._row(what, "torch", model, batch_size, dtype, times, compile_s,
-                     torch=torch.__version__, torch_compile=compile_model)
+    row = bench_steps.result_row(what, "torch", model, batch_size, dtype, times, compile_s,
+                                 torch=torch.__version__, torch_compile=compile_model)
     if device == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     row["img_per_sec"] = batch_size / statistics.median(times)

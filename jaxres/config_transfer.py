@@ -1,0 +1,57 @@
+"""Every key of a transfer (linear-probe) config with its default; configs/transfer/*.py start here.
+
+The runner is `jaxres.transfer.runner`; this module imports none of it, so a
+config file stays a plain description. The dataset keys are training's
+(`jaxres.config_base`): `dataset.train_split` is the split probes train on (and
+whose class folders name the classes), `dataset.val_split` the split they are
+scored on (the "split" protocol kind); the "pool" kind pools `protocol.pool_splits`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxres.config_base import CACHE_DIR, base_config
+
+DEFAULT_LAYER = "pre_logits"
+
+
+def base_transfer_config() -> ml_collections.ConfigDict:
+    """The full set of transfer keys, with the embedded digits as the dataset."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()
+    c.model.checkpoint = ""  # A run directory (training run or imported weights).
+    c.model.step = "latest"  # "latest", "best" or a step number.
+
+    c.dataset = base_config().dataset  # name, data_dir, splits, ... as for training.
+    c.dataset.name = "digits"
+    c.dataset.data_dir = CACHE_DIR
+    c.dataset.val_split = "test"
+    c.eval_batch_size = 64  # Global batch of the feature pass.
+
+    c.features = ml_collections.ConfigDict()
+    c.features.layer = DEFAULT_LAYER
+    c.features.pool = True  # Global-average-pool spatial layers.
+    c.features.views = "center"  # center | flip | 10crop (averaged).
+    c.features.image_size = 0  # 0: the checkpoint's image_size.
+    c.features.crop_ratio = 0.0  # 0: the checkpoint's eval_crop_ratio.
+    c.features.cache_dir = ""  # "": WORKDIR/features.
+
+    c.protocol = ml_collections.ConfigDict()
+    c.protocol.kind = "split"  # pool | split (see jaxres/transfer/sampling.py).
+    c.protocol.per_class = "0"  # Comma-separated train images per class; 0 = all (split kind).
+    c.protocol.test_per_class = 0  # pool kind: test images per class.
+    c.protocol.test_at_most = True  # pool kind: "up to" test_per_class (the rest when fewer).
+    c.protocol.trials = 1
+    c.protocol.seed = 0
+    c.protocol.pool_splits = "all"  # pool kind: the splits pooled (prepare_data.py writes "all").
+    c.protocol.exclude_classes = ""  # Comma-separated class names left out (e.g. clutter).
+
+    c.probe = ml_collections.ConfigDict()
+    c.probe.methods = "logistic,ridge"  # The first one draws the confusion matrix.
+    c.probe.logistic_l2s = ""  # Comma-separated; "": jaxres.transfer.probe.LOGISTIC_L2S.
+    c.probe.ridge_l2s = ""  # Relative penalties; "": jaxres.transfer.probe.RIDGE_L2S.
+    c.probe.holdout = 0.2  # Fraction of each class's train images that picks the L2.
+    c.probe.tol = 1e-4  # Logistic: max |gradient| at convergence (scikit-learn's default).
+    c.probe.max_iter = 1000
+    return c

@@ -1,0 +1,142 @@
+"""Host batches for training and evaluation, and the evaluation views (centre, flip, 10-crop).
+
+    batches = train_micro_batches(config, source, start)        # [A, B_local, ...] per step, endless
+    num, batches = device_eval_batches(source, transform, 128, mesh)   # padded + masked, on the mesh
+
+Training and evaluation read through `jaxres.data.pipeline` (grain): the decode
+happens in its workers (`dataset.decoder="cpu"`), or the workers only draw the
+crop windows and NVIDIA DALI decodes them (`"dali"`, `jaxres.data.dali`).
+Evaluation pads the split to whole global batches with masked copies, so every
+example counts exactly once on any number of devices and processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxres import parallel
+from jaxres.data import dali, pipeline, transforms
+from jaxres.errors import ConfigError, unknown_name
+
+VIEWS = {"center": 1, "flip": 2, "10crop": 10}  # View name -> views per image.
+
+
+def train_transform(dataset: ml_collections.ConfigDict) -> Callable[[dict, np.random.Generator], dict]:
+    """The training augmentation of `config.dataset` (for the configured decoder)."""
+    if dataset.decoder == "dali":
+        return dali.TrainCrops(dataset.crop_min_area, dataset.flip)
+    return transforms.TrainTransform(
+        dataset.image_size,
+        dataset.crop_min_area,
+        dataset.flip,
+        dataset.color_jitter,
+        decode_reduced=dataset.decode_reduced,
+    )
+
+
+def view_transform(
+    image_size: int, crop_ratio: float, views: str = "center", decoder: str = "cpu", decode_reduced: bool = True
+) -> Callable[[dict], dict]:
+    """The evaluation transform for `views`: "center", "flip" (centre + mirror) or "10crop"."""
+    if views not in VIEWS:
+        raise ConfigError(unknown_name("views", views, VIEWS))
+    if decoder == "dali":
+        if views != "center":
+            raise ConfigError(f"views={views!r} runs on the CPU decoder only; set --config.dataset.decoder=cpu.")
+        return dali.EvalCrops(crop_ratio)
+    if views == "10crop":
+        return transforms.TenCropTransform(image_size, crop_ratio)
+    centre = transforms.EvalTransform(image_size, crop_ratio, decode_reduced)
+    return centre if views == "center" else CentreAndMirror(centre)
+
+
+class CentreAndMirror:
+    """The centre crop and its mirror image, stacked [2, H, W, 3] (a grain map callable)."""
+
+    def __init__(self, centre: Callable[[dict], dict]):
+        self.centre = centre
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        example = self.centre(record)
+        example["image"] = np.stack([example["image"], np.ascontiguousarray(example["image"][:, ::-1])])
+        return example
+
+
+def _decoded(batches: Iterator, decoder: str, image_size: int, global_batch_size: int) -> Iterator:
+    if decoder == "dali":
+        return dali.decode_batches(batches, image_size, parallel.process_batch_size(global_batch_size))
+    return batches
+
+
+def train_host_batches(
+    config: ml_collections.ConfigDict, source: Any, global_batch_size: int, start: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's decoded uint8 training batches of `source` from batch `start` on (endless)."""
+    d = config.dataset
+    batches = pipeline.train_batches(
+        source,
+        train_transform(d),
+        global_batch_size=global_batch_size,
+        seed=config.seed,
+        start=start,
+        num_workers=d.num_workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        batch_fn=dali.collate if d.decoder == "dali" else None,
+    )
+    return _decoded(batches, d.decoder, d.image_size, global_batch_size)
+
+
+def train_micro_batches(config: ml_collections.ConfigDict, source: Any, start: int) -> Iterator[dict[str, np.ndarray]]:
+    """This process's training micro-batches, grouped [A, B_local, ...] per step (A = grad_accum_steps).
+
+    Args:
+      config: the training config.
+      source: the training source.
+      start: the first micro-batch index (a checkpoint's `data_position`).
+    """
+    batches = train_host_batches(config, source, config.batch_size // config.grad_accum_steps, start)
+    while True:
+        group = [next(batches) for _ in range(config.grad_accum_steps)]
+        yield jax.tree.map(lambda *x: np.stack(x), *group)
+
+
+def device_eval_batches(
+    source: Any,
+    transform: Callable[[dict], dict],
+    global_batch_size: int,
+    mesh: jax.sharding.Mesh,
+    *,
+    num_workers: int = 0,
+    decoder: str = "cpu",
+    image_size: int = 0,
+    name: str = "eval_batch_size",
+) -> tuple[int, Iterator[dict[str, jax.Array]]]:
+    """(number of batches, global device batches) covering `source` once, padded and masked.
+
+    Args:
+      source: a random-access source.
+      transform: from `view_transform` (its decoder must match `decoder`).
+      global_batch_size: a multiple of the mesh's device count (checked; `name` is quoted).
+      mesh: the batches are sharded over its `data` axis.
+      num_workers: grain worker processes.
+      decoder: "cpu" or "dali" (then `image_size` is DALI's output size).
+    """
+    parallel.check_batch_size(global_batch_size, mesh, name)
+    batches = pipeline.eval_batches(
+        source,
+        transform,
+        global_batch_size=global_batch_size,
+        num_workers=num_workers,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        batch_fn=dali.collate if decoder == "dali" else None,
+    )
+    batches = _decoded(batches, decoder, image_size, global_batch_size)
+    num = pipeline.num_eval_batches(len(source), global_batch_size)
+    return num, (b for _, b in zip(range(num), parallel.prefetch_to_device(batches, mesh)))

@@ -1,0 +1,230 @@
+"""Runs a transfer protocol: features once per split (cached), then every N x trial x probe.
+
+    python scripts/linear_probe.py --config configs/transfer/caltech101.py --workdir W \
+        --config.model.checkpoint=runs/r50
+
+The config's keys are `jaxres.config_transfer.base_transfer_config`; the draws
+are `jaxres.transfer.sampling`, the probes `jaxres.transfer.probe`, the outputs
+`jaxres.transfer.report`. Features are extracted once per split and cached
+(`jaxres.transfer.features`); results are mean +- sample std over trials of
+top-1 and mean per-class accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxres import parallel, runs
+from jaxres.config_transfer import base_transfer_config
+from jaxres.data import sources
+from jaxres.errors import ConfigError, unknown_name
+from jaxres.metrics import log_line
+from jaxres.transfer import features, probe, report, sampling
+from jaxres.transfer.sampling import KINDS, parse_list
+
+
+def make_probe(
+    method: str, probe_config: ml_collections.ConfigDict, seed: int
+) -> probe.LinearProbe:
+    """A probe from `config.probe` (`method` is "logistic" or "ridge")."""
+    if method not in probe.PROBES:
+        raise ConfigError(unknown_name("config.probe.methods entry", method, probe.PROBES))
+    l2s = parse_list(probe_config[f"{method}_l2s"], float, f"probe.{method}_l2s") or None
+    if method == "ridge":
+        return probe.RidgeProbe(l2s, holdout=probe_config.holdout, seed=seed)
+    return probe.LogisticProbe(
+        l2s,
+        holdout=probe_config.holdout,
+        seed=seed,
+        tol=probe_config.tol,
+        max_iter=probe_config.max_iter,
+    )
+
+
+def fit_and_score(
+    method: str,
+    probe_config: ml_collections.ConfigDict,
+    seed: int,
+    train: tuple,
+    test: tuple,
+    num_classes: int,
+    mesh: jax.sharding.Mesh,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Fits one probe on (x, y) `train`, scores it on `test`; returns (row, test predictions)."""
+    start = time.perf_counter()
+    x_train, train_mask = probe.shard_rows(train[0], mesh)
+    model = make_probe(method, probe_config, seed).fit(x_train, train[1], train_mask, num_classes)
+    x_test, test_mask = probe.shard_rows(test[0], mesh)
+    scores = model.score(x_test, test[1], test_mask)
+    predictions = model.predict(x_test)[: len(test[1])]
+    row = dict(
+        scores, l2=model.l2_, l2_source=model.l2_source_, seconds=time.perf_counter() - start
+    )
+    return row, predictions
+
+
+def _split_features(config, extractor, split: str, cache_dir: str):
+    source = sources.open_source(config.dataset, split)
+    name = {
+        "name": config.dataset.name,
+        "data_dir": os.path.abspath(os.path.expanduser(config.dataset.data_dir)),
+        "split": split,
+    }
+    x, y, mask = features.cached_features(
+        extractor, source, name, cache_dir, config.eval_batch_size
+    )
+    return x, y.astype(np.int64), mask, list(source.class_names)
+
+
+def _keep_classes(class_names: list[str], exclude: str) -> list[int]:
+    excluded = set(parse_list(exclude, str, "protocol.exclude_classes"))
+    for name in excluded:
+        if name not in class_names:
+            raise ConfigError(
+                unknown_name("class in config.protocol.exclude_classes", name, class_names)
+            )
+    return [i for i, n in enumerate(class_names) if n not in excluded]
+
+
+def _relabel(x, y, mask, keep: list[int], num_classes: int):
+    """Drops undecodable images and excluded classes; class ids become positions in `keep`."""
+    new_id = np.full(num_classes, -1)
+    new_id[keep] = np.arange(len(keep))
+    valid = (mask > 0) & (new_id[y] >= 0)
+    return x[valid], new_id[y[valid]]
+
+
+def load_data(
+    config: ml_collections.ConfigDict, extractor: features.FeatureExtractor, cache_dir: str
+):
+    """The protocol's features: (pool or train, test or None, class names)."""
+    p = config.protocol
+    if p.kind not in KINDS:
+        raise ConfigError(unknown_name("config.protocol.kind", p.kind, KINDS))
+    splits = (
+        parse_list(p.pool_splits, str, "protocol.pool_splits")
+        if p.kind == "pool"
+        else [config.dataset.train_split, config.dataset.val_split]
+    )
+    loaded = [_split_features(config, extractor, s, cache_dir) for s in splits]
+    class_names = loaded[0][3]
+    keep = _keep_classes(class_names, p.exclude_classes)
+    parts = [_relabel(x, y, m, keep, len(class_names)) for x, y, m, _ in loaded]
+    names = [class_names[i] for i in keep]
+    if p.kind == "pool":
+        return (
+            (np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])),
+            None,
+            names,
+        )
+    return parts[0], parts[1], names
+
+
+def run_protocol(
+    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None
+) -> dict[str, Any]:
+    """Features once (cached), then every N x trial x probe; writes results.json / .csv / confusion.png.
+
+    Args:
+      config: a config from configs/transfer/ (keys: `base_transfer_config()`).
+      workdir: where results and (by default) the feature cache go.
+      mesh: of the feature extraction (default: every device); probes fit on `probe.fit_mesh(mesh)`.
+
+    Returns:
+      The results dict written to `workdir/results.json`.
+    """
+    if not config.model.checkpoint:
+        raise ConfigError(
+            "Set --config.model.checkpoint=RUN (a training run or an imported model directory)."
+        )
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    member = runs.load(config.model.checkpoint, runs.parse_checkpoint(config.model.step))
+    f = config.features
+    extractor = features.FeatureExtractor(
+        member, f.layer, f.pool, f.views, f.image_size or None, f.crop_ratio or None, mesh
+    )
+    cache_dir = f.cache_dir or os.path.join(workdir, "features")
+    (train_x, train_y), test, names = load_data(config, extractor, cache_dir)
+    trials = sampling.draw_trials(config, train_y, None if test is None else test[1], names)
+    methods = parse_list(config.probe.methods, str, "probe.methods")
+    rows, best = [], None
+    for trial in trials:
+        test_x, test_y = (train_x, train_y) if test is None else test
+        for method in methods:
+            row, predictions = fit_and_score(
+                method,
+                config.probe,
+                trial.seed,
+                (train_x[trial.train], train_y[trial.train]),
+                (test_x[trial.test], test_y[trial.test]),
+                len(names),
+                probe.fit_mesh(mesh),
+            )
+            row.update(
+                method=method,
+                per_class=trial.per_class,
+                trial=trial.trial,
+                seed=trial.seed,
+                n_train=len(trial.train),
+                n_test=len(trial.test),
+            )
+            rows.append(row)
+            log_line(
+                f"{method} N={trial.per_class} trial {trial.trial}: top-1 {row['top1']:.4f} "
+                f"mean per-class {row['mean_per_class']:.4f} (l2 {row['l2']:.3g}, {row['seconds']:.1f} s)"
+            )
+            if method == methods[0] and (
+                best is None
+                or (row["per_class"], row["top1"]) > (best[0]["per_class"], best[0]["top1"])
+            ):
+                best = (row, test_y[trial.test], predictions)
+    results = report.results_dict(config, member, extractor, names, methods, rows)
+    if jax.process_index() == 0:
+        report.write_outputs(workdir, results, rows, best, names)
+    return results
+
+
+def demo_probe(
+    workdir: str, data_dir: str | None = None, checkpoint: str = "best", method: str = "logistic"
+) -> dict[str, Any]:
+    """A linear probe on a run's pre_logits features: fit on its train split, score on its val split.
+
+    For `make demo`'s results table (the digits demo: under 30 s on 2 cores; features
+    cached in `workdir/features`, so a second call skips the forward passes).
+
+    Returns:
+      One row: what, top1, mean_per_class, count (val images), train, l2, l2_source.
+    """
+    config = base_transfer_config()
+    config.dataset = runs.read_config(workdir).dataset
+    if data_dir:
+        config.dataset.data_dir = data_dir
+    member = runs.load(workdir, checkpoint)
+    extractor = features.FeatureExtractor(member)
+    (train_x, train_y), (test_x, test_y), names = load_data(
+        config, extractor, os.path.join(workdir, "features")
+    )
+    row, _ = fit_and_score(
+        method,
+        config.probe,
+        0,
+        (train_x, train_y),
+        (test_x, test_y),
+        len(names),
+        probe.fit_mesh(),
+    )
+    return {
+        "what": f"linear probe ({method}, pre_logits, {len(train_y)} train)",
+        "top1": row["top1"],
+        "mean_per_class": row["mean_per_class"],
+        "count": len(test_y),
+        "train": len(train_y),
+        "l2": row["l2"],
+        "l2_source": row["l2_source"],
+    }

@@ -1,0 +1,108 @@
+"""Tests for jaxres.runs: a run restores anywhere (another device count, another process),
+`resume_from` branches a run exactly, one val-loss definition for training and evaluate,
+checkpoint names parsed once with a one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from test_train import smoke_config
+
+from jaxres import evaluate, parallel, runs, train
+from jaxres.errors import CheckpointError, ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def metric_rows(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A smoke run on the 8 fake devices: 16 steps, checkpoints at 4, 8, 12, 16 all kept,
+    validated on the whole val split (as scripts/evaluate.py reads it)."""
+    workdir = str(tmp_path_factory.mktemp("runs") / "a")
+    config = smoke_config(data_dir, keep_latest=4, **{"dataset.val_limit": 0})
+    state = train.train_and_evaluate(config, workdir)
+    return workdir, config, parallel.fetch(state.params)
+
+
+def test_parse_checkpoint_and_run_step():
+    assert runs.parse_checkpoint("best") == "best" and runs.parse_checkpoint("12") == 12
+    with pytest.raises(ConfigError, match="'bestest' is not 'latest', 'best' or a step number"):
+        runs.parse_checkpoint("bestest")
+    assert runs.parse_run_and_step("runs/a:8") == ("runs/a", 8)
+    assert runs.parse_run_and_step("runs/a:best") == ("runs/a", "best")
+    assert runs.parse_run_and_step("runs/a") == ("runs/a", "latest")
+
+
+def test_resume_from_branches_a_run_exactly(trained, data_dir, tmp_path):
+    """A new workdir started from step 8 of run A ends bit-identical to A (same data, same steps)."""
+    workdir_a, _, params_a = trained
+    branch = smoke_config(data_dir, resume_from=f"{workdir_a}:8", **{"dataset.val_limit": 0})
+    state = train.train_and_evaluate(branch, str(tmp_path / "b"))
+    assert int(state.step) == 16
+    rows = metric_rows(str(tmp_path / "b"))
+    assert min(r["step"] for r in rows) > 8  # Nothing before the branch point was re-trained.
+    for a, b in zip(np.asarray(params_a["head"]["kernel"]), np.asarray(parallel.fetch(state.params)["head"]["kernel"])):
+        np.testing.assert_array_equal(a, b)
+
+    other = smoke_config(data_dir, resume_from=workdir_a, **{"model.name": "resnetv2_18"})
+    with pytest.raises(CheckpointError, match="resume_from needs a run of the same model"):
+        train.train_and_evaluate(other, str(tmp_path / "c"))
+
+
+def test_training_and_evaluate_report_one_val_loss(trained):
+    """evaluate's loss (-log of the averaged probability) is training's val cross-entropy."""
+    workdir, _, _ = trained
+    rows = metric_rows(workdir)
+    logged = next(r for r in rows if r["step"] == 16 and "val_loss" in r)
+    result = evaluate.evaluate_run(workdir, checkpoint=16)
+    assert result["count"] == logged["val_count"]
+    assert result["top1"] == pytest.approx(logged["val_top1"])
+    assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+
+
+def test_a_run_from_8_devices_restores_on_1_and_resumes_on_2(trained, data_dir):
+    """Evaluate in another process with one CPU device; resume training on 2 of the devices."""
+    workdir, _, _ = trained
+    here = evaluate.evaluate_run(workdir, checkpoint="latest")
+    env = dict(os.environ, XLA_FLAGS="", JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), f"--workdir={workdir}", "--compilation_cache="],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stderr.splitlines()) < 10, result.stderr[-3000:]  # No orbax sharding errors.
+    there = json.loads(result.stdout[result.stdout.index("{") :])
+    assert there["count"] == here["count"] and there["top1"] == pytest.approx(here["top1"])
+    assert there["loss"] == pytest.approx(here["loss"], rel=1e-4)
+
+    longer = smoke_config(data_dir, keep_latest=4, num_epochs=3, **{"dataset.val_limit": 0})
+    state = train.train_and_evaluate(longer, workdir, devices=jax.devices()[:2])
+    assert int(state.step) == 24
+
+
+def test_load_errors_name_the_fix(tmp_path):
+    with pytest.raises(CheckpointError, match="No config.json"):
+        runs.load(str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "predict.py"), f"--workdir={tmp_path}",
+         "--checkpoint=bestest", "x.jpg"],
+        env=dict(os.environ, XLA_FLAGS=""), cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "jaxres error: Checkpoint 'bestest' is not 'latest', 'best' or a step number" in result.stderr
