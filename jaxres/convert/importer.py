@@ -34,6 +34,8 @@ of the expected shape, and every tensor of the file is used, except PyTorch's
 `num_batches_tracked` counters and Keras optimizer state. A missing, unused or
 mis-shaped tensor raises `CheckpointError` naming the key and what was expected,
 so a file of another architecture fails instead of leaving weights at random init.
+
+Weights out (`jaxres.convert.exporter`) walk the same `template` and name maps in reverse.
 """
 
 from __future__ import annotations
