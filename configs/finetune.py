@@ -1,6 +1,7 @@
 """Fine-tune a trained run: a new head, head-only warm-up, then every layer at a lower LR.
 
     python scripts/train.py --config configs/finetune.py --workdir runs/demo_ft --config.init_from=runs/demo
+    python scripts/train.py --config configs/finetune.py:probe --workdir runs/demo_lpft
 
 Starts from `init_from`'s params and batch stats (jaxres.train: a head of
 another shape, or any head with `init_fresh_head`, is re-initialised). For the
@@ -13,6 +14,11 @@ with a fresh head on 200 digit images, base LR 4x below the demo's; 45 steps,
 15 head-only. About 2.5 min on 2 CPU cores; measured val top-1 0.978 (0.969
 after the head-only phase; the features already separate digits, see the
 demo's linear probe).
+Arg "probe": linear probe, then fine-tune (LP-FT, Kumar et al. ICLR 2022: better than
+a fresh head in and out of distribution). Starts from the demo's probe exported as a
+run (`scripts/linear_probe.py ... --export runs/demo_probe`, see README "Use your
+probe") and keeps its head: no head-only phase, the first evaluation is the probe's
+accuracy; 200 train images as in "digits".
 Arg "r50": a ResNetV2-50 run (e.g. ImageNet, configs/imagenet_resnetv2.py:50)
 fine-tuned on another dataset at 224x224; set the dataset, e.g.
     --config.dataset.name=indoor67 --config.dataset.data_dir=/data/tfds
@@ -59,7 +65,13 @@ def get_config(arg: str = "digits"):
         c.optimizer.weight_decay = 0.0  # Short schedule from good weights (BiT-HyperRule style).
         c.optimizer.head_only_steps = 84  # About one epoch of 5,360 images.
         c.log_every_steps = 20
+    elif arg == "probe":
+        c = get_config("digits")
+        c.init_from = "runs/demo_probe"
+        c.init_fresh_head = False  # The probe is the head.
+        c.optimizer.head_only_steps = 0
+        return c
     else:
-        raise ValueError(f"configs/finetune.py:{arg}: use 'digits' or 'r50'.")
+        raise ValueError(f"configs/finetune.py:{arg}: use 'digits', 'probe' or 'r50'.")
     c.init_fresh_head = True
     return c

@@ -32,6 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # Compute dtype; params are always float32.
     # Fields of jaxres.models.ResNet that differ from the registered model (e.g. stem_type).
     c.model.overrides = ml_collections.ConfigDict()
+    # What the classifier head reads and how deep it is (probe exports: jaxres/transfer/export.py):
+    # "pre_logits" or a pooled "stem" / "stageN" (later stages not built); 0 = a linear head.
+    c.model.head_layer = "pre_logits"
+    c.model.head_hidden = 0
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "imagenet2012"  # tfds name, "imagefolder" or "digits" (embedded).

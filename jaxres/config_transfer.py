@@ -48,10 +48,22 @@ def base_transfer_config() -> ml_collections.ConfigDict:
     c.protocol.exclude_classes = ""  # Comma-separated class names left out (e.g. clutter).
 
     c.probe = ml_collections.ConfigDict()
-    c.probe.methods = "logistic,ridge"  # The first one draws the confusion matrix.
+    c.probe.methods = "logistic,ridge"  # logistic | ridge | mlp; the first draws the confusion matrix.
     c.probe.logistic_l2s = ""  # Comma-separated; "": jaxres.transfer.probe.LOGISTIC_L2S.
     c.probe.ridge_l2s = ""  # Relative penalties; "": jaxres.transfer.probe.RIDGE_L2S.
     c.probe.holdout = 0.2  # Fraction of each class's train images that picks the L2.
     c.probe.tol = 1e-4  # Logistic: max |gradient| at convergence (scikit-learn's default).
     c.probe.max_iter = 1000
+    # methods entry "mlp": one hidden layer (jaxres/transfer/mlp_head.py), early-stopped on holdout.
+    c.probe.mlp_hidden = 512
+    c.probe.mlp_dropout = 0.5
+    c.probe.mlp_steps = 500
+    c.probe.mlp_learning_rate = 1e-3
+    c.probe.mlp_weight_decay = 1e-4
+    c.probe.mlp_label_smoothing = 0.1
+
+    c.export = ml_collections.ConfigDict()
+    c.export.dir = ""  # A directory: the chosen probe + backbone written there as a run.
+    c.export.per_class = -1  # The setting exported (its first trial); -1: the largest N.
+    c.export.method = ""  # "": the method with the best held-out top-1.
     return c

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from jaxres import train
 
@@ -34,9 +36,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     from jaxres.transfer import runner
 
     start = time.time()
-    probe = runner.demo_probe(workdir)
+    exported = os.path.join(workdir, "probe")
+    probe = runner.demo_probe(workdir, export_dir=exported)
     rows.append(dict(probe, seconds=time.time() - start))
+    rows.append(classify_with_export(exported, config))
     return rows
+
+
+def classify_with_export(exported: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The exported probe (a run) on the first validation image of every class: predicted vs true."""
+    from jaxres import predict
+    from jaxres.data import sources
+
+    start = time.time()
+    val = sources.open_source(config.dataset, config.dataset.val_split)
+    firsts = [val.keys[int(np.flatnonzero(val.labels == c)[0])] for c in range(len(val.class_names))]
+    found = predict.predict(exported, [os.path.join(val.root, k) for k in firsts], top_k=1)
+    lines = [f"  {os.path.relpath(p.path, val.root.parent)}: predicted {p.top[0][0]} ({p.top[0][1]:.2f}), "
+             f"true {p.true}" for p in found]  # fmt: skip
+    return {
+        "what": "exported probe on one val image per class",
+        "top1": float(np.mean([p.top[0][0] == p.true for p in found])),
+        "count": len(found),
+        "seconds": time.time() - start,
+        "details": [f"  (the probe + backbone as a run: {exported})", *lines],
+    }
 
 
 def format_table(rows: list[dict[str, Any]], total_seconds: float) -> str:
@@ -48,5 +72,6 @@ def format_table(rows: list[dict[str, Any]], total_seconds: float) -> str:
         top5 = f"{r['top5']:.3f}" if "top5" in r else ""
         count = str(r.get("count", ""))
         lines.append(f"{r['what']:<52} {top1:>7} {top5:>7} {count:>7} {r['seconds']:>8.1f}")
+        lines += r.get("details", [])
     lines.append(f"{'total':<52} {'':>7} {'':>7} {'':>7} {total_seconds:>8.1f}")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 from typing import Any
 
 import flax
@@ -116,7 +117,17 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
         config.model.name,
         num_classes=config.dataset.num_classes,
         dtype=config.model.dtype,
-        **config.model.overrides.to_dict(),
+        **model_overrides(config),
+    )
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `ResNet` fields the config sets beyond the registered model: `model.overrides` and the
+    head keys (`model.head_layer`, `model.head_hidden`)."""
+    return dict(
+        config.model.overrides.to_dict(),
+        head_layer=config.model.head_layer,
+        head_hidden=config.model.head_hidden,
     )
 
 
@@ -274,7 +285,11 @@ class ModelSpec:
 
 
 def write_run(
-    output: str, config: ml_collections.ConfigDict, variables: dict[str, Any], **meta: Any
+    output: str,
+    config: ml_collections.ConfigDict,
+    variables: dict[str, Any],
+    overwrite: bool = False,
+    **meta: Any,
 ) -> str:
     """Writes a run (config.json + a step-0 checkpoint of `variables`) for converters and exporters.
 
@@ -282,6 +297,7 @@ def write_run(
       output: a new directory (or one without checkpoints).
       config: the full config the run is read back with.
       variables: {"params", "batch_stats"} host arrays.
+      overwrite: replace the checkpoints a run already has in `output` (else an error).
       **meta: extra checkpoint meta, e.g. the source file, preprocessing, class names.
 
     Returns:
@@ -290,7 +306,9 @@ def write_run(
     output = os.path.abspath(os.path.expanduser(output))
     ckpt_dir = os.path.join(output, CHECKPOINT_DIR)
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise CheckpointError(f"{output} already holds checkpoints; pass a new output directory.")
+        if not overwrite:
+            raise CheckpointError(f"{output} already holds checkpoints; pass a new output directory.")
+        shutil.rmtree(ckpt_dir)
     write_config(output, config)
     checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep_latest=1, keep_best=1)
     checkpointer.save(0, variables, checkpoint_meta(config, 0, 0.0, **meta))

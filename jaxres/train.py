@@ -356,6 +356,20 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
                 "--config.dataset.decoder=cpu or --config.dataset.color_jitter=0."
             )
     runs.build_model(config)  # Unknown model names / fields fail here, before data loading.
+    if config.init_from:
+        _check_init_from_head(config)
+
+
+def _check_init_from_head(config: ml_collections.ConfigDict) -> None:
+    """An exported probe (`model.head_layer` / `head_hidden`) is fine-tuned with the same head."""
+    source = runs.read_config(config.init_from).model
+    for key in ("head_layer", "head_hidden"):
+        if source[key] != config.model[key] and not config.init_fresh_head:
+            raise ConfigError(
+                f"init_from={config.init_from!r} has model.{key}={source[key]!r}, this config "
+                f"{config.model[key]!r}; set --config.model.{key}={source[key]} to fine-tune its head "
+                "(or --config.init_fresh_head=true for a new one)."
+            )
 
 
 def make_step_fns(

@@ -7,7 +7,14 @@
 
 Extracts features once per split (cached under WORKDIR/features), runs every
 N per class x trial x regularisation sweep, prints the results table and writes
-WORKDIR/results.json, results.csv and confusion.png.
+WORKDIR/results.json, results.csv and confusion.png. --export OUT writes the
+chosen probe (the best held-out method, refit on the first trial of the largest
+N, or --config.export.per_class) with the backbone as a run that evaluate.py,
+predict.py and --config.init_from read:
+
+    python scripts/linear_probe.py --config configs/transfer/fewshot.py:digits --workdir runs/demo_fewshot \
+        --config.model.checkpoint=runs/demo --export runs/demo_probe
+    python scripts/predict.py --workdir runs/demo_probe --top_k 3 ~/.cache/jaxres/digits/val/7
 """
 
 from absl import app, flags
@@ -22,6 +29,9 @@ config_flags.DEFINE_config_file(
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Output directory (results, feature cache).", required=True)
+flags.DEFINE_string(
+    "export", None, "Write the chosen probe on the backbone as a run here (= --config.export.dir)."
+)
 cli.define_distributed_flags()
 
 
@@ -31,7 +41,10 @@ def main(argv):
     with cli.user_errors():
         from jaxres.transfer import runner
 
-        runner.run_protocol(flags.FLAGS.config, flags.FLAGS.workdir)
+        config = flags.FLAGS.config
+        if flags.FLAGS.export:
+            config.export.dir = flags.FLAGS.export
+        runner.run_protocol(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

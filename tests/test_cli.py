@@ -171,7 +171,7 @@ def test_help_lists_the_shared_flags_and_exits_0():
     "config, message",
     [
         ("configs/nope.py", "--config=configs/nope.py: [Errno 2] No such file or directory"),
-        ("configs/finetune.py:bogus", "use 'digits' or 'r50'"),
+        ("configs/finetune.py:bogus", "use 'digits', 'probe' or 'r50'"),
     ],
 )
 def test_bad_config_file_or_arg_is_one_line(tmp_path, config, message):

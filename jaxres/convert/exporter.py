@@ -173,9 +173,7 @@ def serving_function(
       dtype: compute dtype ("float32" or "bfloat16"); the logits are float32 either way.
     """
     c = loaded.config
-    model = models.create_model(
-        c.model.name, c.dataset.num_classes, dtype, **c.model.overrides.to_dict()
-    )
+    model = models.create_model(c.model.name, c.dataset.num_classes, dtype, **runs.model_overrides(c))
     mean, std = tuple(c.dataset.mean), tuple(c.dataset.std)
 
     def serve(variables: dict[str, Any], images: jax.Array) -> jax.Array:
@@ -321,11 +319,11 @@ def export(
         )
     if fmt in LIBRARIES:  # Refuse a model without a twin before reading its weights.
         config = runs.read_config(run)
-        twin(fmt, config.model.name, config.model.overrides.to_dict())
+        twin(fmt, config.model.name, runs.model_overrides(config))
     loaded = runs.load(run, checkpoint)
     if fmt in LIBRARIES:
-        c = loaded.config.model
-        name, tensors = state_dict(fmt, c.name, c.overrides.to_dict(), loaded.variables)
+        c = loaded.config
+        name, tensors = state_dict(fmt, c.model.name, runs.model_overrides(c), loaded.variables)
         os.makedirs(os.path.dirname(output), exist_ok=True)
         write_state_dict(tensors, output)
     else:

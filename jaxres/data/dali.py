@@ -24,14 +24,12 @@ then placed on the devices like any other batch (one uint8 copy each way,
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from jaxres.data import transforms
 from jaxres.errors import ConfigError
@@ -43,14 +41,7 @@ DECODERS = ("cpu", "dali")
 HW_DECODER_LOAD = 0.75
 
 
-def _placeholder_jpeg() -> np.ndarray:
-    """An 8x8 black JPEG that stands in for an unreadable record (its example is masked)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
-    return np.frombuffer(buffer.getvalue(), np.uint8)
-
-
-_PLACEHOLDER = _placeholder_jpeg()
+_PLACEHOLDER = np.frombuffer(transforms.PLACEHOLDER_JPEG, np.uint8)  # Unreadable records (masked).
 
 
 def _spec(record: dict[str, Any], box: transforms.Box | None, flip: bool, size: tuple[int, int]) -> dict:

@@ -34,6 +34,8 @@ import grain
 import numpy as np
 from absl import flags
 
+from jaxres.data import transforms
+
 # Examples -> one batch; grain's default stacks every field.
 BatchFn = Callable[[Sequence[Any]], Any]
 
@@ -102,7 +104,10 @@ def train_batches(
 
 
 class _Padded:
-    """The split followed by masked copies of its first example, up to `length`."""
+    """The split followed by masked placeholder records (a tiny black JPEG), up to `length`.
+
+    Padding never re-reads a real record: a damaged first file is decoded (and logged) once.
+    """
 
     def __init__(self, source: Any, length: int):
         self._source, self._length = source, length
@@ -111,8 +116,9 @@ class _Padded:
         return self._length
 
     def __getitem__(self, index: int) -> tuple[dict[str, Any], bool]:
-        real = index < len(self._source)
-        return self._source[index if real else 0], real
+        if index < len(self._source):
+            return self._source[index], True
+        return {"image": transforms.PLACEHOLDER_JPEG, "label": 0, "key": "padding"}, False
 
 
 class _MaskPadding:

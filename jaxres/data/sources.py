@@ -14,7 +14,8 @@
 
 `open_source(config.dataset, split)` picks one from `dataset.name`: "digits"
 is embedded; "imagefolder" is a folder (split sub-folders, or split list
-files when `DIR/<split>.txt` exists); a name whose `data_dir/<name>/` holds
+files when `DIR/<split>.txt` exists, or a split that is itself the path of a
+`.txt` list, e.g. the ones `scripts/transfer.py` writes into its output); a name whose `data_dir/<name>/` holds
 our metadata file is an `ArrayRecordSource`; anything else is a tfds name.
 Every source exposes `class_names` and `labels` (one int per record; cheap,
 so that protocols can sample N per class without decoding images).
@@ -289,6 +290,8 @@ def _image_folder(
         )
     root = Path(os.path.expanduser(dataset.data_dir))
     list_file = root / f"{split}{LIST_FILE_SUFFIX}"
+    if split.endswith(LIST_FILE_SUFFIX):  # A split list kept elsewhere (scripts/transfer.py's).
+        list_file = Path(os.path.expanduser(split))
     if list_file.is_file():  # DIR/<class>/* with DIR/train.txt, DIR/val.txt.
         return ListFileSource(root, list_file)
     train_root = root / dataset.train_split
@@ -309,6 +312,10 @@ class Subset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self._source[int(self._indices[index])]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self._source.labels)[self._indices]
 
 
 def open_source(

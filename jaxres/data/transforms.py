@@ -20,7 +20,11 @@ and is logged. A record that still cannot be decoded (zero bytes, garbage)
 becomes a black image with `mask = 0`, logged with its key: a corrupt file
 never stops an epoch and never counts in the loss or in a metric. The train
 step counts the batch's mask-0 rows (`skipped` in the metrics), so the count is
-right across grain worker processes.
+right across grain worker processes. Both warnings are logged on every call
+(training names a bad key each epoch) and carry the record's key as
+`record.image_key` (and the reason as `record.image_error` for skipped ones),
+so a caller that reports images itself, such as `jaxres.predict`, can filter
+them by key.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +66,17 @@ Box = tuple[float, float, float, float]  # (left, top, width, height) in pixels.
 _TRUNCATED_LOCK = threading.Lock()
 
 
+def _placeholder_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+# An 8x8 black JPEG: the image of padding rows and of records DALI cannot read (both masked).
+PLACEHOLDER_JPEG = _placeholder_jpeg()
+_BYTESIO_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def pil_open(
     image_bytes: bytes, key: str = "?", draft_size: tuple[int, int] | None = None
 ) -> Image.Image:
@@ -83,7 +99,7 @@ def pil_open(
                 image.load()
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = previous
-        log.warning("Decoded truncated image %s as far as its data goes.", key)
+        log.warning("Decoded truncated image %s as far as its data goes.", key, extra={"image_key": key})
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -386,6 +402,19 @@ def skipped(
     record: dict[str, Any], shape: int | tuple[int, ...], error: Exception
 ) -> dict[str, Any]:
     """A black, masked example for an undecodable record (`shape`: an image side or a full shape)."""
-    log.warning("Skipping undecodable image %s: %s", record.get("key", "?"), error)
+    key, reason = record.get("key", "?"), undecodable_reason(record.get("image"), error)
+    log.warning(
+        "Skipping undecodable image %s: %s", key, reason, extra={"image_key": key, "image_error": reason}
+    )
     shape = (shape, shape, 3) if isinstance(shape, int) else shape
     return {"image": np.zeros(shape, np.uint8), "label": np.int32(0), "mask": np.float32(0)}
+
+
+def undecodable_reason(image_bytes: bytes | None, error: Exception) -> str:
+    """Why a record could not be decoded, for messages: "0-byte file" or the decoder's error.
+
+    PIL's "cannot identify image file <_io.BytesIO object at 0x...>" loses the address.
+    """
+    if image_bytes is not None and len(image_bytes) == 0:
+        return "0-byte file"
+    return _BYTESIO_REPR.sub("", str(error)) or type(error).__name__

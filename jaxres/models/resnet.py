@@ -278,6 +278,11 @@ class ResNet(nn.Module):
       final_norm: norm + act after the last stage (ResNetV2 has it, v1.5 does not).
       zero_init_last: start each residual branch at zero (see `ResidualBlock`).
       head_zero_init: zero-init the head kernel (BiT); otherwise normal(0.01) as timm.
+      head_layer: what the head reads: "pre_logits" (the pooled output of the last stage),
+        or "stem" / "stageN", pooled, with the later stages not built (a probe exported
+        from that layer, `jaxres.transfer.export`).
+      head_hidden: 0 for a linear head; else a hidden Dense of this width + ReLU before it
+        (an exported MLP probe).
       act: activation function.
       dtype: compute dtype; parameters are float32 regardless.
     """
@@ -302,6 +307,8 @@ class ResNet(nn.Module):
     final_norm: bool = True
     zero_init_last: bool = False
     head_zero_init: bool = True
+    head_layer: str = "pre_logits"
+    head_hidden: int = 0
     act: Callable[[jax.Array], jax.Array] = nn.relu
     dtype: Dtype = jnp.float32
 
@@ -322,6 +329,9 @@ class ResNet(nn.Module):
             )
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0 (0 = no head), got {self.num_classes}.")
+        layers = ("pre_logits", "stem") + tuple(f"stage{s}" for s in range(1, len(self.stage_sizes) + 1))
+        if self.head_layer not in layers:
+            raise ConfigError(unknown_name("ResNet head_layer", self.head_layer, layers))
         super().__post_init__()
 
     @nn.compact
@@ -337,7 +347,8 @@ class ResNet(nn.Module):
           `(logits, features)`: float32 logits [N, num_classes] ([N, C] when
           num_classes == 0) and a dict with "stem", "stage1".."stage4" (NHWC, compute
           dtype; for pre-activation "stage4" is before the final norm), "pre_logits"
-          (pooled, [N, C], float32) and "logits".
+          (pooled, [N, C], float32) and "logits". With a `head_layer` other than
+          "pre_logits", the layers after it are absent and "pre_logits" is that layer pooled.
         """
         conv = functools.partial(
             StdConv if self.weight_std else nn.Conv,
@@ -372,6 +383,15 @@ class ResNet(nn.Module):
         features = {}
         x = self._stem(x, conv, norm)
         features["stem"] = x
+        if self.head_layer != "pre_logits":
+            return self._head(x if self.head_layer == "stem" else self._stages(x, conv, norm, features), features)
+        x = self._stages(x, conv, norm, features)
+        if self.final_norm:
+            x = self.act(norm(name="final_norm")(x))
+        return self._head(x, features)
+
+    def _stages(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef, features: dict) -> jax.Array:
+        """The residual stages (up to `head_layer` when that is a stage); records each output."""
         for s, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True), start=1):
             width = width * self.width_factor
             out = width * EXPANSION[self.block]
@@ -400,12 +420,17 @@ class ResNet(nn.Module):
                     name=f"stage{s}_block{b}",
                 )(x)
             features[f"stage{s}"] = x
-        if self.final_norm:
-            x = self.act(norm(name="final_norm")(x))
+            if self.head_layer == f"stage{s}":
+                break
+        return x
 
+    def _head(self, x: jax.Array, features: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Global average pool, then the (linear or one-hidden-layer) classifier, in float32."""
         # Pool and classify in float32: cheap, and keeps the logits exact for the loss.
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pre_logits"] = x
+        if self.num_classes and self.head_hidden:
+            x = nn.relu(nn.Dense(self.head_hidden, dtype=jnp.float32, param_dtype=jnp.float32, name="head_hidden")(x))
         if self.num_classes:
             x = nn.Dense(
                 self.num_classes,

@@ -129,6 +129,7 @@ class LinearProbe:
 
     name = "linear"
     default_l2s: tuple[float, ...] = ()
+    hidden = 0  # Hidden units of the head it exports (0: linear; see `head_params`).
 
     def __init__(
         self,
@@ -176,6 +177,18 @@ class LinearProbe:
 
     def predict_scores(self, x: Any) -> jax.Array:
         """Class scores [N, C] (same row sharding as `x`)."""
+        raise NotImplementedError
+
+    def head_params(self) -> dict[str, dict[str, np.ndarray]]:
+        """The fitted scores as a classifier head on raw features: {"head": {"kernel", "bias"}}.
+
+        `x @ kernel + bias` equals `predict_scores(x)`: any standardisation is folded in,
+        so `jaxres.transfer.export` can put the head on the backbone as it is.
+        """
+        kernel, bias = self._affine()
+        return {"head": {"kernel": np.asarray(kernel, np.float32), "bias": np.asarray(bias, np.float32)}}
+
+    def _affine(self) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError
 
     def predict(self, x: Any) -> np.ndarray:
@@ -312,6 +325,9 @@ class RidgeProbe(LinearProbe):
     def predict_scores(self, x):
         x = x if isinstance(x, jax.Array) else jnp.asarray(x, jnp.float32)
         return _affine(x, self.w_, self.b_)
+
+    def _affine(self):
+        return self.w_, self.b_
 
 
 @jax.jit
@@ -596,6 +612,11 @@ class LogisticProbe(LinearProbe):
     def predict_scores(self, x):
         x = x if isinstance(x, jax.Array) else jnp.asarray(x, jnp.float32)
         return _standardised_affine(x, self.mu_, self.sigma_, self.params_["w"], self.params_["b"])
+
+    def _affine(self):
+        # ((x - mu) / sigma) w + b  ==  x (w / sigma) + (b - (mu / sigma) w).
+        w, b = self.params_["w"], self.params_["b"]
+        return w / self.sigma_[:, None], b - (self.mu_ / self.sigma_) @ w
 
 
 @jax.jit

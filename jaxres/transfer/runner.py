@@ -25,16 +25,28 @@ from jaxres.config_transfer import base_transfer_config
 from jaxres.data import sources
 from jaxres.errors import ConfigError, unknown_name
 from jaxres.metrics import log_line
-from jaxres.transfer import features, probe, report, sampling
+from jaxres.transfer import export, features, mlp_head, probe, report, sampling
 from jaxres.transfer.sampling import KINDS, parse_list
 
+METHODS = (*probe.PROBES, "mlp")
 
-def make_probe(
-    method: str, probe_config: ml_collections.ConfigDict, seed: int
-) -> probe.LinearProbe:
-    """A probe from `config.probe` (`method` is "logistic" or "ridge")."""
-    if method not in probe.PROBES:
-        raise ConfigError(unknown_name("config.probe.methods entry", method, probe.PROBES))
+
+def make_probe(method: str, probe_config: ml_collections.ConfigDict, seed: int) -> Any:
+    """A probe from `config.probe`: "logistic", "ridge" or "mlp" (a one-hidden-layer head)."""
+    if method not in METHODS:
+        raise ConfigError(unknown_name("config.probe.methods entry", method, METHODS))
+    if method == "mlp":
+        c = probe_config
+        return mlp_head.MLPProbe(
+            hidden=c.mlp_hidden,
+            dropout=c.mlp_dropout,
+            learning_rate=c.mlp_learning_rate,
+            weight_decay=c.mlp_weight_decay,
+            label_smoothing=c.mlp_label_smoothing,
+            max_steps=c.mlp_steps,
+            holdout=c.holdout,
+            seed=seed,
+        )
     l2s = parse_list(probe_config[f"{method}_l2s"], float, f"probe.{method}_l2s") or None
     if method == "ridge":
         return probe.RidgeProbe(l2s, holdout=probe_config.holdout, seed=seed)
@@ -55,8 +67,11 @@ def fit_and_score(
     test: tuple,
     num_classes: int,
     mesh: jax.sharding.Mesh,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Fits one probe on (x, y) `train`, scores it on `test`; returns (row, test predictions)."""
+) -> tuple[dict[str, Any], np.ndarray, Any]:
+    """Fits one probe on (x, y) `train`, scores it on `test`; returns (row, test predictions, probe).
+
+    The row holds top1, mean_per_class, the penalty, its held-out top-1 and the seconds.
+    """
     start = time.perf_counter()
     x_train, train_mask = probe.shard_rows(train[0], mesh)
     model = make_probe(method, probe_config, seed).fit(x_train, train[1], train_mask, num_classes)
@@ -64,9 +79,13 @@ def fit_and_score(
     scores = model.score(x_test, test[1], test_mask)
     predictions = model.predict(x_test)[: len(test[1])]
     row = dict(
-        scores, l2=model.l2_, l2_source=model.l2_source_, seconds=time.perf_counter() - start
+        scores,
+        l2=model.l2_,
+        l2_source=model.l2_source_,
+        holdout_top1=max(model.sweep_.values()) if model.sweep_ else None,
+        seconds=time.perf_counter() - start,
     )
-    return row, predictions
+    return row, predictions, model
 
 
 def _split_features(config, extractor, split: str, cache_dir: str):
@@ -100,19 +119,35 @@ def _relabel(x, y, mask, keep: list[int], num_classes: int):
     return x[valid], new_id[y[valid]]
 
 
+def protocol_splits(config: ml_collections.ConfigDict) -> list[str]:
+    """The splits a protocol reads: the pooled ones, or train and test (`dataset.val_split`)."""
+    p = config.protocol
+    if p.kind not in KINDS:
+        raise ConfigError(unknown_name("config.protocol.kind", p.kind, KINDS))
+    if p.kind == "pool":
+        return parse_list(p.pool_splits, str, "protocol.pool_splits")
+    return [config.dataset.train_split, config.dataset.val_split]
+
+
+def check_counts_before_features(config: ml_collections.ConfigDict) -> None:
+    """Draws the protocol's trials on the splits' labels alone: a class too small to sample
+    fails here, in one line, before any forward pass (the real draw drops undecodable images too)."""
+    splits = [sources.open_source(config.dataset, s) for s in protocol_splits(config)]
+    class_names = list(splits[0].class_names)
+    keep = _keep_classes(class_names, config.protocol.exclude_classes)
+    parts = [_relabel(np.zeros(len(s)), np.asarray(s.labels, np.int64), np.ones(len(s)), keep, len(class_names))
+             for s in splits]  # fmt: skip
+    train_y = np.concatenate([y for _, y in parts]) if config.protocol.kind == "pool" else parts[0][1]
+    test_y = None if config.protocol.kind == "pool" else parts[1][1]
+    sampling.draw_trials(config, train_y, test_y, [class_names[i] for i in keep])
+
+
 def load_data(
     config: ml_collections.ConfigDict, extractor: features.FeatureExtractor, cache_dir: str
 ):
     """The protocol's features: (pool or train, test or None, class names)."""
     p = config.protocol
-    if p.kind not in KINDS:
-        raise ConfigError(unknown_name("config.protocol.kind", p.kind, KINDS))
-    splits = (
-        parse_list(p.pool_splits, str, "protocol.pool_splits")
-        if p.kind == "pool"
-        else [config.dataset.train_split, config.dataset.val_split]
-    )
-    loaded = [_split_features(config, extractor, s, cache_dir) for s in splits]
+    loaded = [_split_features(config, extractor, s, cache_dir) for s in protocol_splits(config)]
     class_names = loaded[0][3]
     keep = _keep_classes(class_names, p.exclude_classes)
     parts = [_relabel(x, y, m, keep, len(class_names)) for x, y, m, _ in loaded]
@@ -144,20 +179,37 @@ def run_protocol(
             "Set --config.model.checkpoint=RUN (a training run or an imported model directory)."
         )
     mesh = mesh if mesh is not None else parallel.make_mesh()
+    check_counts_before_features(config)
     member = runs.load(config.model.checkpoint, runs.parse_checkpoint(config.model.step))
     f = config.features
     extractor = features.FeatureExtractor(
         member, f.layer, f.pool, f.views, f.image_size or None, f.crop_ratio or None, mesh
     )
+    if config.export.dir:
+        export.check_exportable(extractor)  # Before the feature pass, not after it.
     cache_dir = f.cache_dir or os.path.join(workdir, "features")
     (train_x, train_y), test, names = load_data(config, extractor, cache_dir)
     trials = sampling.draw_trials(config, train_y, None if test is None else test[1], names)
+    setting = export_setting(config, trials) if config.export.dir else None
     methods = parse_list(config.probe.methods, str, "probe.methods")
-    rows, best = [], None
+    rows, best, fitted = run_trials(config, trials, (train_x, train_y), test, names, methods, mesh, setting)
+    results = report.results_dict(config, member, extractor, names, methods, rows)
+    if fitted:
+        results["export"] = export_probe(config, member, extractor, names, fitted)
+    if jax.process_index() == 0:
+        report.write_outputs(workdir, results, rows, best, names)
+    return results
+
+
+def run_trials(config, trials, train, test, names, methods, mesh, export_setting_n):
+    """Every trial x method: (result rows, the best first-method trial for the confusion matrix,
+    {method: (row, fitted probe)} of the export setting's first trial)."""
+    train_x, train_y = train
+    rows, best, fitted = [], None, {}
     for trial in trials:
         test_x, test_y = (train_x, train_y) if test is None else test
         for method in methods:
-            row, predictions = fit_and_score(
+            row, predictions, model = fit_and_score(
                 method,
                 config.probe,
                 trial.seed,
@@ -184,19 +236,71 @@ def run_protocol(
                 or (row["per_class"], row["top1"]) > (best[0]["per_class"], best[0]["top1"])
             ):
                 best = (row, test_y[trial.test], predictions)
-    results = report.results_dict(config, member, extractor, names, methods, rows)
-    if jax.process_index() == 0:
-        report.write_outputs(workdir, results, rows, best, names)
-    return results
+            if (trial.per_class, trial.trial) == (export_setting_n, 0):
+                fitted[method] = (row, model)
+    return rows, best, fitted
+
+
+def export_setting(config: ml_collections.ConfigDict, trials: list) -> int:
+    """The train images per class whose first trial is exported: `export.per_class`, else the
+    largest setting (0, "all train images", counts as the largest)."""
+    settings = sorted({t.per_class for t in trials}, key=lambda n: (n == 0, n))
+    want = config.export.per_class
+    if want < 0:
+        return settings[-1]
+    if want not in settings:
+        raise ConfigError(
+            f"config.export.per_class={want} is not a setting of this protocol "
+            f"({', '.join(map(str, settings))}); set --config.export.per_class to one of them."
+        )
+    return want
+
+
+def export_probe(
+    config: ml_collections.ConfigDict,
+    member: runs.LoadedRun,
+    extractor: features.FeatureExtractor,
+    names: list[str],
+    fitted: dict[str, tuple[dict[str, Any], Any]],
+) -> dict[str, Any]:
+    """Writes the chosen probe of the export setting as a run in `config.export.dir`.
+
+    The method is `export.method`, else the one with the best held-out top-1 (its penalty
+    was already picked on that held-out part; ties: the first listed).
+    """
+    method = config.export.method or max(fitted, key=lambda m: fitted[m][0]["holdout_top1"] or -1.0)
+    if method not in fitted:
+        raise ConfigError(unknown_name("config.export.method", method, fitted))
+    row, model = fitted[method]
+    info = {k: row[k] for k in ("per_class", "trial", "seed", "l2", "l2_source", "n_train", "n_test")}
+    info.update(
+        method=method,
+        holdout_top1=row["holdout_top1"],
+        test_top1=row["top1"],
+        test_mean_per_class=row["mean_per_class"],
+        protocol=config.protocol.kind,
+    )
+    out = export.write_probe_run(member, extractor, model, names, config.dataset, config.export.dir, info)
+    log_line(
+        f"Exported the {method} probe (N={row['per_class']} trial 0, held-out top-1 "
+        f"{row['holdout_top1'] if row['holdout_top1'] is not None else 'n/a'}, test top-1 {row['top1']:.4f}) "
+        f"as a run: {out}\n  python scripts/predict.py --workdir {out} IMAGE..."
+    )
+    return dict(info, dir=out)
 
 
 def demo_probe(
-    workdir: str, data_dir: str | None = None, checkpoint: str = "best", method: str = "logistic"
+    workdir: str,
+    data_dir: str | None = None,
+    checkpoint: str = "best",
+    method: str = "logistic",
+    export_dir: str = "",
 ) -> dict[str, Any]:
     """A linear probe on a run's pre_logits features: fit on its train split, score on its val split.
 
     For `make demo`'s results table (the digits demo: under 30 s on 2 cores; features
-    cached in `workdir/features`, so a second call skips the forward passes).
+    cached in `workdir/features`, so a second call skips the forward passes). With
+    `export_dir`, the probe on the backbone is written there as a run.
 
     Returns:
       One row: what, top1, mean_per_class, count (val images), train, l2, l2_source.
@@ -210,7 +314,7 @@ def demo_probe(
     (train_x, train_y), (test_x, test_y), names = load_data(
         config, extractor, os.path.join(workdir, "features")
     )
-    row, _ = fit_and_score(
+    row, _, fitted = fit_and_score(
         method,
         config.probe,
         0,
@@ -219,6 +323,10 @@ def demo_probe(
         len(names),
         probe.fit_mesh(),
     )
+    if export_dir:
+        info = {"method": method, "l2": row["l2"], "holdout_top1": row["holdout_top1"],
+                "test_top1": row["top1"], "n_train": len(train_y), "n_test": len(test_y)}  # fmt: skip
+        export.write_probe_run(member, extractor, fitted, names, config.dataset, export_dir, info, overwrite=True)
     return {
         "what": f"linear probe ({method}, pre_logits, {len(train_y)} train)",
         "top1": row["top1"],
