@@ -19,20 +19,49 @@ Reading a run at rest (its config, model and weights) is `jaxres.runs`.
 Two preservation policies are OR-ed: the latest `keep_latest` checkpoints and
 the best `keep_best` by `val_top1`, so a good old checkpoint never deletes the
 newest one (the pitfall of `best_fn` + `max_to_keep`).
+
+Faults. orbax writes a step into a temporary directory and renames it when
+complete, so a save cut short (kill -9, a full disk) never counts as a step. A
+step whose files were damaged afterwards (truncated, deleted) raises
+`CheckpointDamaged` naming the step and the array or file; `restore_newest_intact`
+then falls back to the previous step with a warning. A save that cannot be written
+(no space, no permission) is one `CheckpointError` line; earlier steps stay intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxres.errors import CheckpointError
+from jaxres.metrics import log_line
 
 BEST_METRIC = "val_top1"
+# What tensorstore / orbax say when a checkpoint's files are damaged or missing (not a mismatch).
+_DAMAGE_MARKERS = ("TensorStore", "tensorstore", "OCDBT", "DATA_LOSS", "NOT_FOUND", "does not exist")
+
+
+class CheckpointDamaged(CheckpointError):
+    """A step whose files are damaged or missing."""
+
+
+def damage(error: BaseException) -> str | None:
+    """One line naming what is damaged when `error` says a checkpoint's files are, else None."""
+    text = str(error)
+    if not (isinstance(error, OSError) or any(m in text for m in _DAMAGE_MARKERS)):
+        return None
+    first = re.split(r" \[tensorstore_spec|\. See full TensorStore", text.strip().splitlines()[0])[0]
+    arrays = re.findall(r"""['"]path['"]: ?\\?['"]([^'"\\]+?)/?\\?['"]""", text)
+    where = f"{arrays[-1]}: " if arrays and not arrays[-1].startswith("/") else ""
+    return f"{where}{first[:200]}"
 
 
 class Checkpointer:
@@ -80,25 +109,50 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
         """Starts an asynchronous save; `metrics` (with `val_top1`) feed best-N."""
         meta = dict(meta, metrics=metrics or {})
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
-            metrics=metrics if metrics and BEST_METRIC in metrics else None,
-            force=True,
-        )
+        with self._writing(step):
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
+                metrics=metrics if metrics and BEST_METRIC in metrics else None,
+                force=True,
+            )
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None) -> Iterator[None]:
+        """A save that cannot be written (asynchronous ones surface later) as one CheckpointError."""
+        try:
+            yield
+        except OSError as e:
+            which = f"step {step}" if step is not None else "the last step"
+            raise CheckpointError(
+                f"Could not write checkpoint {which} to {self.directory} ({e.strerror or e}); "
+                "earlier checkpoints are intact. Free space or fix permissions there (or use another "
+                "--workdir), then re-run the same command to resume."
+            ) from None
 
     def restore_meta(self, step: int) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - unreadable JSON or a missing file: damaged.
+            raise CheckpointDamaged(f"step {step} in {self.directory}: meta ({str(e).splitlines()[0][:200]})") from None
 
     def restore(self, step: int, abstract_state: Any) -> Any:
-        """Restores `state` at `step` into the shapes and shardings of `abstract_state`."""
+        """Restores `state` at `step` into the shapes and shardings of `abstract_state`.
+
+        Raises:
+          CheckpointDamaged: the step's files are damaged or missing.
+          CheckpointError: the checkpoint is of another model or optimizer.
+        """
         try:
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract_state, restore_args)),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - sorted below into damage and mismatch.
+            self._raise_if_damaged(step, e)
+            if not isinstance(e, (ValueError, KeyError, TypeError)):
+                raise
             raise CheckpointError(
                 f"The checkpoint at {self.directory} step {step} does not match this model/optimizer "
                 f"({str(e).splitlines()[0][:300]}). Use a new --workdir, or the config the run was "
@@ -106,8 +160,22 @@ class Checkpointer:
             ) from None
         return restored["state"]
 
+    def _raise_if_damaged(self, step: int, error: BaseException) -> None:
+        what = damage(error)
+        if what is not None:
+            raise CheckpointDamaged(f"step {step} in {self.directory}: {what}") from None
+
     def restore_params(self, step: int) -> dict[str, Any]:
         """Params and batch stats only, as host-agnostic arrays (for `init_from`, evaluation)."""
+        try:
+            return self._restore_params(step)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - damaged files are named; anything else is a bug.
+            self._raise_if_damaged(step, e)
+            raise
+
+    def _restore_params(self, step: int) -> dict[str, Any]:
         metadata = self._manager.item_metadata(step)["state"]
         tree = metadata.tree if hasattr(metadata, "tree") else metadata
         wanted = {k: tree[k] for k in ("params", "batch_stats", "ema_params") if k in tree and tree[k]}
@@ -121,13 +189,32 @@ class Checkpointer:
         )
         return restored["state"]
 
+    def set_aside_after(self, step: int) -> list[int]:
+        """Renames the steps newer than `step` (damaged ones) to `STEP.damaged-N`, out of orbax's sight,
+        so that a resumed run can write those steps again; returns them."""
+        newer = [s for s in self.all_steps() if s > step]
+        if newer and jax.process_index() == 0:
+            for s in newer:
+                path, n = os.path.join(self.directory, str(s)), 0
+                while os.path.exists(f"{path}.damaged-{n}"):
+                    n += 1
+                os.replace(path, f"{path}.damaged-{n}")
+                log_line(f"Moved damaged checkpoint step {s} to {path}.damaged-{n}.")
+        if newer:
+            multihost_utils.sync_global_devices("jaxres_set_aside_damaged_checkpoints")
+            self._manager.reload()
+        return newer
+
     def wait(self) -> None:
         """Blocks until every pending asynchronous save is on disk."""
-        self._manager.wait_until_finished()
+        with self._writing(None):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def _single_device() -> jax.sharding.Sharding:
@@ -151,3 +238,25 @@ def resolve_step(checkpointer: Checkpointer, which: str | int) -> int:
     if step not in steps:
         raise CheckpointError(f"No checkpoint at step {step} in {checkpointer.directory}; kept steps: {steps}.")
     return step
+
+
+def restore_newest_intact(checkpointer: Checkpointer, steps: list[int], restore: Callable[[int], Any]) -> tuple[int, Any]:
+    """`restore(step)` for the newest of `steps` that is intact; warns about each damaged one.
+
+    Returns:
+      (the step restored, what `restore` returned).
+
+    Raises:
+      CheckpointError: every step is damaged (one line naming the newest damage).
+    """
+    damaged = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, restore(step)
+        except CheckpointDamaged as e:
+            damaged.append(str(e))
+            log_line(f"Warning: checkpoint {e}; trying the previous one.")
+    raise CheckpointError(
+        f"Every checkpoint in {checkpointer.directory} is damaged (newest: {damaged[0] if damaged else 'none'}); "
+        "restore the directory from a copy, or move it away to start from scratch."
+    )

@@ -32,6 +32,9 @@ def define_distributed_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (generic multi-process launch).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
     flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+    flags.DEFINE_integer(
+        "heartbeat_timeout", 100, "Seconds of silence after which a process is declared dead and the rest stop."
+    )
 
 
 def initialize_distributed_from_flags() -> None:
@@ -39,7 +42,9 @@ def initialize_distributed_from_flags() -> None:
 
     f = flags.FLAGS
     with user_errors():
-        parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id, auto=f.multihost)
+        parallel.initialize_distributed(
+            f.coordinator_address, f.num_processes, f.process_id, f.multihost, f.heartbeat_timeout
+        )
 
 
 @contextlib.contextmanager

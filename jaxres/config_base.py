@@ -25,7 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 1024  # Global, over all devices and processes.
     c.eval_batch_size = 1024
     c.grad_accum_steps = 1  # Each step sums gradients of this many micro-batches.
-    c.num_epochs = 90
+    c.num_epochs = 90.0  # Fractions work (0.5: half an epoch of steps).
+    c.num_steps = 0  # > 0: train exactly this many steps, whatever num_epochs says.
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnetv2_50"
@@ -49,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.eval_crop_ratio = 0.875  # Resize to size / ratio, then centre-crop.
     c.dataset.color_jitter = 0.0  # Brightness/contrast/saturation factors in [1-s, 1+s], random order; 0 = off.
     c.dataset.decode_reduced = True  # Decode JPEGs at 1/2, 1/4, 1/8 size when the crop still covers the output.
+    # keep | skip: a truncated JPEG decoded as far as its data goes, or masked like an undecodable one.
+    c.dataset.truncated = "keep"
     c.dataset.mean = IMAGENET_MEAN
     c.dataset.std = IMAGENET_STD
     # "cpu": decode + augment in the grain workers. "dali": the workers only draw the crops,

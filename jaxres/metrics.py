@@ -103,7 +103,16 @@ def summarize_sums(total: Mapping[str, np.ndarray]) -> dict[str, Any]:
 class MetricWriter:
     """Writes `metrics.jsonl` and TensorBoard events under `tb/` (`config.json`: `jaxres.runs`)."""
 
-    def __init__(self, workdir: str, enabled: bool | None = None, tensorboard: bool = True):
+    def __init__(
+        self, workdir: str, enabled: bool | None = None, tensorboard: bool = True, resume_step: int | None = None
+    ):
+        """Opens the writers (process 0 only, unless `enabled` says otherwise).
+
+        Args:
+          resume_step: the step a resumed run restarts from: rows of later steps (logged before
+            a crash, to be logged again) are dropped from metrics.jsonl, and TensorBoard
+            purges its events after it, so every step appears once.
+        """
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = workdir
         self._jsonl = None
@@ -111,11 +120,15 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            _drop_rows_after(path, resume_step)
+        self._jsonl = open(path, "a")  # noqa: SIM115 - open for the writer's lifetime.
         if tensorboard:
             from tensorboardX import SummaryWriter  # No TensorFlow needed.
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30, purge_step=purge)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One JSON line (with `step`) and one TensorBoard scalar per value."""
@@ -137,6 +150,19 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrites metrics.jsonl without the rows of steps after `step` (atomically)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def _to_python(v: Any) -> Any:

@@ -57,6 +57,7 @@ def initialize_distributed(
     num_processes: int | None = None,
     process_id: int | None = None,
     auto: bool = False,
+    heartbeat_timeout_seconds: int = 100,
 ) -> None:
     """Starts multi-process JAX when asked to; a no-op for a single process.
 
@@ -66,6 +67,8 @@ def initialize_distributed(
       process_id: this process's index.
       auto: call `jax.distributed.initialize()` with no arguments, so that JAX
         detects the cluster itself (SLURM, Open MPI, Cloud TPU, ...).
+      heartbeat_timeout_seconds: a process silent this long is declared dead and the
+        others are stopped (a hung collective is bounded by it).
     """
     explicit = coordinator_address is not None
     if not (explicit or auto):
@@ -80,9 +83,11 @@ def initialize_distributed(
     # before anything touches a backend, so no `jax.default_backend()` check here.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(
+            coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds
+        )
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -215,9 +215,13 @@ def load(run: str, checkpoint: str | int = "latest") -> LoadedRun:
     model = build_model(config)
     checkpointer = open_checkpoints(run)
     try:
-        step = ckpt_lib.resolve_step(checkpointer, parse_checkpoint(checkpoint))
-        restored = checkpointer.restore_params(step)
-        meta = checkpointer.restore_meta(step)
+        which = parse_checkpoint(checkpoint)
+        step = ckpt_lib.resolve_step(checkpointer, which)
+        if which == "latest":  # A damaged newest step is named and the previous one used.
+            read = lambda s: (checkpointer.restore_params(s), checkpointer.restore_meta(s))  # noqa: E731
+            step, (restored, meta) = ckpt_lib.restore_newest_intact(checkpointer, checkpointer.all_steps(), read)
+        else:
+            restored, meta = checkpointer.restore_params(step), checkpointer.restore_meta(step)
     finally:
         checkpointer.close()
     variables = eval_variables(

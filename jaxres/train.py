@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -25,11 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from jaxres import checkpoint as ckpt_lib
+from jaxres import interrupts, optim, parallel, runs
 from jaxres import metrics as metrics_lib
-from jaxres import optim, parallel, runs
 from jaxres.data import dali, loader, sources
 from jaxres.errors import CheckpointError, ConfigError, NonFiniteLossError, unknown_name
 
@@ -190,32 +188,6 @@ def _limited(source: Any, limit: int) -> sources.Subset:
     return sources.Subset(source, np.sort(np.random.default_rng(0).permutation(len(source))[:limit]))
 
 
-class Preemption:
-    """Turns SIGTERM into a flag the loop reads at step boundaries."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def should_stop(self, step: int, every: int) -> bool:
-        """Agreed by all processes, so that every one saves at the same step.
-
-        With several processes agreeing costs a collective and a host sync, so
-        they compare flags only every `every` steps (the log steps).
-        """
-        if jax.process_count() == 1:
-            return self.requested
-        if step % every:
-            return False
-        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def _check_finite(scalars: dict[str, float], first_step: int, last_step: int) -> None:
     """Raises when a step since the last check had a non-finite loss or produced non-finite params."""
     if scalars.pop("finite") < 1.0 or not math.isfinite(scalars["loss"]):
@@ -246,10 +218,15 @@ def restore_or_init(
     abstract = jax.eval_shape(init_fn, rng)
     shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    latest = checkpointer.latest_step()
-    if latest is not None:
+    steps = checkpointer.all_steps()
+    if steps:  # The newest intact step: a damaged one is named and skipped.
         fix = "use another --workdir (or --config.init_from=THAT_RUN to fine-tune from it)."
-        return _restore_state(checkpointer, latest, abstract, config, "The workdir", fix)
+        restore = functools.partial(
+            _restore_state, checkpointer, abstract=abstract, config=config, where="The workdir", fix=fix
+        )
+        step, state = ckpt_lib.restore_newest_intact(checkpointer, steps, restore)
+        checkpointer.set_aside_after(step)  # Damaged newer steps: training writes them anew.
+        return state
     if config.resume_from:
         run, which = runs.parse_run_and_step(config.resume_from)
         source = runs.open_checkpoints(run)
@@ -413,6 +390,13 @@ def _write_eval(writer: metrics_lib.MetricWriter, step: int, steps_per_epoch: in
     )
 
 
+def total_training_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """`num_steps` when set, else `num_epochs` (fractions allowed) of steps; at least 1."""
+    if config.num_steps:
+        return int(config.num_steps)
+    return max(1, int(config.num_epochs * steps_per_epoch))
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
 ) -> TrainState:
@@ -427,21 +411,21 @@ def train_and_evaluate(
     check_config(config, mesh)
     train_source, val_source = load_sources(config)
     steps_per_epoch = max(1, len(train_source) // config.batch_size)
-    total_steps = int(config.num_epochs * steps_per_epoch)
-    eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
-
+    total_steps = total_training_steps(config, steps_per_epoch)
     model = runs.build_model(config)
     schedule, tx = _schedule_and_optimizer(config, steps_per_epoch, total_steps)
     step_fn, eval_fn = make_step_fns(config, model, tx, mesh)
 
     if jax.process_index() == 0:
         runs.write_config(workdir, config)
-    writer = metrics_lib.MetricWriter(workdir)
     checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_latest, config.keep_best)
-    preemption = Preemption()
+    preemption = interrupts.Preemption()
+    writer = None
     try:
         state = restore_or_init(config, checkpointer, model, tx, mesh)
         start = int(state.step)
+        # Steps logged after the restored checkpoint (a crash, kill -9) are logged again: drop them.
+        writer = metrics_lib.MetricWriter(workdir, resume_step=start)
         metrics_lib.log_line(
             f"{config.model.name}: {len(train_source)} train / {len(val_source)} val images, "
             f"{steps_per_epoch} steps/epoch, steps {start}..{total_steps}, {mesh.devices.size} devices, "
@@ -450,38 +434,69 @@ def train_and_evaluate(
         batches = parallel.prefetch_to_device(
             loader.train_micro_batches(config, train_source, start * config.grad_accum_steps), mesh, batch_axis=1
         )
-        progress = metrics_lib.Throughput(total_steps, start, config.batch_size, steps_per_epoch)
-        pending, pending_from = None, start
+        def evaluate(s: TrainState) -> dict[str, float]:
+            return validate(eval_variables(s, config), eval_fn, val_source, config, mesh)
 
-        def save(step: int, eval_metrics: dict | None = None) -> None:
-            if pending is not None:  # Never save a state that went non-finite.
-                _check_finite({k: float(v) for k, v in pending.compute().items()}, pending_from, step)
-            checkpointer.save(step, state, runs.checkpoint_meta(config, step, step / steps_per_epoch), eval_metrics)
-
-        for step in range(start + 1, total_steps + 1):
-            state, step_metrics = step_fn(state, next(batches))
-            pending = step_metrics if pending is None else pending.merge(step_metrics)
-            if step % config.log_every_steps == 0 or step == total_steps:
-                scalars = {k: float(v) for k, v in pending.compute().items()}
-                _check_finite(scalars, pending_from, step)
-                scalars.update(epoch=step / steps_per_epoch, lr=float(schedule(step - 1)), **progress.update(step))
-                writer.write(step, scalars)
-                metrics_lib.log_line(progress.line(step, scalars))
-                pending, pending_from = None, step
-            if step % eval_every == 0 or step == total_steps:
-                eval_metrics = validate(eval_variables(state, config), eval_fn, val_source, config, mesh)
-                _write_eval(writer, step, steps_per_epoch, eval_metrics)
-                save(step, eval_metrics)
-            elif step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0:
-                save(step)
-            if preemption.should_stop(step, config.log_every_steps) and step < total_steps:
-                if checkpointer.latest_step() != step:
-                    save(step)
-                checkpointer.wait()
-                metrics_lib.log_line(f"SIGTERM: saved step {step}; re-run the same command to resume.")
-                break
-        return state
+        loop = _Loop(config, checkpointer, writer, schedule, steps_per_epoch, total_steps, start)
+        with interrupts.exit_if_a_peer_is_lost():  # Before `finally`: closing would wait for the dead.
+            return loop.run(state, batches, step_fn, evaluate, preemption)
     finally:
         preemption.restore()
         checkpointer.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
+
+
+class _Loop:
+    """The steps of one `train_and_evaluate` call: log, evaluate, save, stop when asked."""
+
+    def __init__(
+        self, config, checkpointer, writer, schedule, steps_per_epoch: int, total_steps: int, start: int
+    ):
+        self.config, self.checkpointer, self.writer, self.schedule = config, checkpointer, writer, schedule
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.progress = metrics_lib.Throughput(total_steps, start, config.batch_size, steps_per_epoch)
+        self.pending, self.pending_from = None, start
+
+    def run(
+        self, state: TrainState, batches: Iterator, step_fn: Callable, evaluate: Callable, preemption
+    ) -> TrainState:
+        """Steps from the state's step to `total_steps` (or to a signal); returns the last state."""
+        c = self.config
+        eval_every = max(1, int(c.eval_every_epochs * self.steps_per_epoch))
+        for step in range(int(state.step) + 1, self.total_steps + 1):
+            state, step_metrics = step_fn(state, next(batches))
+            self.pending = step_metrics if self.pending is None else self.pending.merge(step_metrics)
+            if step % c.log_every_steps == 0 or step == self.total_steps:
+                self.log(step)
+            if step % eval_every == 0 or step == self.total_steps:
+                eval_metrics = evaluate(state)
+                _write_eval(self.writer, step, self.steps_per_epoch, eval_metrics)
+                self.save(step, state, eval_metrics)
+            elif step % c.checkpoint_every_steps == 0 or step % self.steps_per_epoch == 0:
+                self.save(step, state)
+            if preemption.should_stop(step, c.log_every_steps) and step < self.total_steps:
+                if self.checkpointer.latest_step() != step:
+                    self.save(step, state)
+                self.checkpointer.wait()
+                reason = preemption.reason()
+                metrics_lib.log_line(f"{reason}: saved step {step}; re-run the same command to resume.")
+                break
+        return state
+
+    def log(self, step: int) -> None:
+        """Train metrics since the last log step -> metrics.jsonl, TensorBoard, the console."""
+        scalars = {k: float(v) for k, v in self.pending.compute().items()}
+        _check_finite(scalars, self.pending_from, step)
+        lr = float(self.schedule(step - 1))
+        scalars.update(epoch=step / self.steps_per_epoch, lr=lr, **self.progress.update(step))
+        self.writer.write(step, scalars)
+        metrics_lib.log_line(self.progress.line(step, scalars))
+        self.pending, self.pending_from = None, step
+
+    def save(self, step: int, state: TrainState, eval_metrics: dict | None = None) -> None:
+        """An asynchronous checkpoint of `state`; never one of a state that went non-finite."""
+        if self.pending is not None:
+            _check_finite({k: float(v) for k, v in self.pending.compute().items()}, self.pending_from, step)
+        meta = runs.checkpoint_meta(self.config, step, step / self.steps_per_epoch)
+        self.checkpointer.save(step, state, meta, eval_metrics)

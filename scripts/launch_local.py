@@ -6,8 +6,13 @@
 Each process gets `--coordinator_address=127.0.0.1:PORT --num_processes=N
 --process_id=i` appended and its own log prefix. On a CPU-only machine each
 process sees one CPU device unless XLA_FLAGS says otherwise (gloo carries
-the collectives). Exit status: the first non-zero one of the processes; a
-SIGTERM / SIGINT is forwarded to all of them.
+the collectives). A SIGTERM / SIGINT is forwarded to all of them.
+
+When one process fails (a non-zero exit, kill -9), the launcher names it and
+ends the others (SIGTERM, then SIGKILL after GRACE_S seconds), so a dead peer
+never leaves the rest waiting; re-running the same command resumes from the last
+complete checkpoint. Exit status: the first failure's (128 + N for signal N),
+else 0.
 """
 
 import argparse
@@ -17,6 +22,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+
+GRACE_S = 10.0  # After a failure: how long the others get to stop before SIGKILL.
 
 
 def free_port() -> int:
@@ -55,10 +63,42 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    failure = _wait_for_all_or_a_failure(procs)
+    if failure is not None:
+        i, code = failure
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        print(f"[launch_local] process {i} {how}; ending the other processes.", flush=True)
+        _end(procs)
     codes = [p.wait() for p in procs]
     for t in pumps:
         t.join(timeout=5)
-    return next((c for c in codes if c), 0)
+    first = failure[1] if failure is not None else next((c for c in codes if c), 0)
+    return 128 - first if first < 0 else first
+
+
+def _wait_for_all_or_a_failure(procs: list[subprocess.Popen]) -> tuple[int, int] | None:
+    """(index, return code) of the first process that fails, or None when all exit 0."""
+    while True:
+        codes = [p.poll() for p in procs]
+        for i, code in enumerate(codes):
+            if code not in (None, 0):
+                return i, code
+        if all(code == 0 for code in codes):
+            return None
+        time.sleep(0.2)
+
+
+def _end(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to the running processes, SIGKILL to those still running after GRACE_S."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.time() + GRACE_S
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
 
 
 if __name__ == "__main__":
