@@ -72,6 +72,7 @@ class Ensemble:
                     )
         self.image_size = first.dataset.image_size
         self.crop_ratio = first.dataset.eval_crop_ratio
+        self.truncated = first.dataset.truncated
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
         self.variables = parallel.replicate(tuple(m.variables for m in self.members), self.mesh)
         specs = tuple(runs.ModelSpec.of(m) for m in self.members)
@@ -88,7 +89,7 @@ class Ensemble:
 
     def batches(self, source: Any, views: str, batch_size: int, num_workers: int = 0):
         """(number of batches, iterator of global device batches) over `source`, padded + masked."""
-        transform = loader.view_transform(self.image_size, self.crop_ratio, views)
+        transform = loader.view_transform(self.image_size, self.crop_ratio, views, truncated=self.truncated)
         return loader.device_eval_batches(source, transform, batch_size, self.mesh, num_workers=num_workers)
 
     def probabilities(self, source: Any, views: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -135,7 +135,9 @@ def validate(
 ) -> dict[str, float]:
     """val_top1 / val_top5 / val_loss / val_count over the whole split (padded + masked)."""
     d = config.dataset
-    transform = loader.view_transform(d.image_size, d.eval_crop_ratio, "center", d.decoder, d.decode_reduced)
+    transform = loader.view_transform(
+        d.image_size, d.eval_crop_ratio, "center", d.decoder, d.decode_reduced, d.truncated
+    )
     _, batches = loader.device_eval_batches(
         source,
         transform,

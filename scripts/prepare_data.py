@@ -9,6 +9,8 @@
     python scripts/prepare_data.py --dataset imagefolder --manual_dir ~/photos --name flowers --val_fraction 0.2
     python scripts/prepare_data.py --dataset imagefolder --manual_dir ~/photos --split_lists_only --val_fraction 0.2
 
+Files that are not images are left out, and truncated images kept as decoded
+(--truncated skip leaves them out); the metadata's `skipped` lists both with the reason.
 Running it again is a no-op once the dataset is written (--overwrite redoes it).
 Train on the result with --config.dataset.name=NAME --config.dataset.data_dir=DATA_DIR.
 """
@@ -60,6 +62,12 @@ flags.DEFINE_integer(
     "num_workers", os.cpu_count() or 1, "Processes that check / re-encode images (0 = in-process)."
 )
 flags.DEFINE_bool("overwrite", False, "Write the dataset again even when it is already prepared.")
+flags.DEFINE_enum(
+    "truncated",
+    "keep",
+    ["keep", "skip"],
+    "A truncated image: keep what decodes, or skip it; listed in the metadata's `skipped` either way.",
+)
 
 
 def main(argv):
@@ -84,6 +92,7 @@ def main(argv):
             "jpeg_quality": quality,
             "num_workers": f.num_workers,
             "overwrite": f.overwrite,
+            "truncated": f.truncated,
         }
         if f.dataset == "imagenet2012":
             if not data_dir:

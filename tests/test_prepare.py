@@ -64,7 +64,9 @@ def test_caltech101_archive_zip_and_folder_agree(tmp_path, caplog):
     out = recipes.prepare_caltech101(tmp_path / "a", tmp_path / "out_a")
     meta = json.loads((out / sources.RECORDS_METADATA).read_text())
     assert meta["class_names"] == ["Faces", "accordion"]  # BACKGROUND_Google dropped.
-    assert meta["splits"]["all"]["skipped"] == ["accordion/image_0005.jpg"]
+    assert meta["splits"]["all"]["skipped"] == [
+        {"key": "accordion/image_0005.jpg", "reason": "0-byte file"}
+    ]
     assert "accordion/image_0005.jpg" in caplog.text
     src = sources.ArrayRecordSource(out, "all")
     records = read_all(src)

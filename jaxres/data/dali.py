@@ -16,7 +16,10 @@ and resize filter, no DCT-reduced decoding).
 
 A batch DALI cannot decode (a damaged file) is decoded on the CPU instead,
 example by example with the same boxes, and undecodable images become
-masked black ones, as with the CPU decoder. Colour jitter and 10-crop exist
+masked black ones, as with the CPU decoder. `truncated="skip"` masks a
+truncated JPEG in the grain worker already (the same end-of-image check as the
+CPU path); other truncated files, and every one with "keep", are decoded as far
+as their data goes (by DALI or the CPU fallback). Colour jitter and 10-crop exist
 only on the CPU path. Decoded batches are returned as host numpy arrays and
 then placed on the devices like any other batch (one uint8 copy each way,
 150 KB per 224x224 image); DALI runs on the process's first local GPU.
@@ -61,9 +64,12 @@ def _spec(record: dict[str, Any], box: transforms.Box | None, flip: bool, size: 
     }
 
 
-def _header(record: dict[str, Any]) -> tuple[int, int] | None:
+def _header(record: dict[str, Any], truncated: str = "keep") -> tuple[int, int] | None:
     try:
-        return transforms.image_size(record["image"])
+        image = record["image"]
+        if truncated == "skip" and image[:2] == b"\xff\xd8" and transforms.jpeg_truncated(image):
+            raise transforms.TruncatedImageError("truncated file (dataset.truncated=skip)")
+        return transforms.image_size(image)
     except Exception as e:  # noqa: BLE001 - any unreadable header is skipped, not fatal.
         log.warning("Skipping undecodable image %s: %s", record.get("key", "?"), e)
         return None
@@ -72,12 +78,13 @@ def _header(record: dict[str, Any]) -> tuple[int, int] | None:
 class TrainCrops:
     """grain `random_map`: the random-resized-crop box and flip of `TrainTransform`, not decoded."""
 
-    def __init__(self, min_area: float = 0.08, flip: bool = True):
+    def __init__(self, min_area: float = 0.08, flip: bool = True, truncated: str = "keep"):
         self.area_range = (min_area, 1.0)
         self.flip = flip
+        self.truncated = transforms.check_truncated(truncated)
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        size = _header(record)
+        size = _header(record, self.truncated)
         if size is None:
             return _spec(record, None, False, (8, 8))
         box = transforms.random_resized_crop_box(*size, rng, self.area_range)
@@ -87,11 +94,12 @@ class TrainCrops:
 class EvalCrops:
     """grain `map`: the centre-crop box of `EvalTransform`, not decoded."""
 
-    def __init__(self, crop_ratio: float = transforms.EVAL_CROP_RATIO):
+    def __init__(self, crop_ratio: float = transforms.EVAL_CROP_RATIO, truncated: str = "keep"):
         self.crop_ratio = crop_ratio
+        self.truncated = transforms.check_truncated(truncated)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-        size = _header(record)
+        size = _header(record, self.truncated)
         if size is None:
             return _spec(record, None, False, (8, 8))
         return _spec(record, transforms.center_crop_box(*size, self.crop_ratio), False, size)

@@ -8,11 +8,17 @@ happens in its workers (`dataset.decoder="cpu"`), or the workers only draw the
 crop windows and NVIDIA DALI decodes them (`"dali"`, `jaxres.data.dali`).
 Evaluation pads the split to whole global batches with masked copies, so every
 example counts exactly once on any number of devices and processes.
+
+Both iterators close their grain pipeline (its worker processes) when they end
+or are closed: a caller that stops early calls `.close()` on them (garbage
+collection and interpreter exit do it too, later). `dataset.truncated` ("keep"
+| "skip") reaches every CPU transform.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import jax
@@ -29,29 +35,39 @@ VIEWS = {"center": 1, "flip": 2, "10crop": 10}  # View name -> views per image.
 def train_transform(dataset: ml_collections.ConfigDict) -> Callable[[dict, np.random.Generator], dict]:
     """The training augmentation of `config.dataset` (for the configured decoder)."""
     if dataset.decoder == "dali":
-        return dali.TrainCrops(dataset.crop_min_area, dataset.flip)
+        return dali.TrainCrops(dataset.crop_min_area, dataset.flip, dataset.truncated)
     return transforms.TrainTransform(
         dataset.image_size,
         dataset.crop_min_area,
         dataset.flip,
         dataset.color_jitter,
         decode_reduced=dataset.decode_reduced,
+        truncated=dataset.truncated,
     )
 
 
 def view_transform(
-    image_size: int, crop_ratio: float, views: str = "center", decoder: str = "cpu", decode_reduced: bool = True
+    image_size: int,
+    crop_ratio: float,
+    views: str = "center",
+    decoder: str = "cpu",
+    decode_reduced: bool = True,
+    truncated: str = "keep",
 ) -> Callable[[dict], dict]:
-    """The evaluation transform for `views`: "center", "flip" (centre + mirror) or "10crop"."""
+    """The evaluation transform for `views`: "center", "flip" (centre + mirror) or "10crop".
+
+    `truncated` is `config.dataset.truncated` ("keep" or "skip" a truncated image).
+    """
     if views not in VIEWS:
         raise ConfigError(unknown_name("views", views, VIEWS))
+    transforms.check_truncated(truncated)
     if decoder == "dali":
         if views != "center":
             raise ConfigError(f"views={views!r} runs on the CPU decoder only; set --config.dataset.decoder=cpu.")
-        return dali.EvalCrops(crop_ratio)
+        return dali.EvalCrops(crop_ratio, truncated)
     if views == "10crop":
-        return transforms.TenCropTransform(image_size, crop_ratio)
-    centre = transforms.EvalTransform(image_size, crop_ratio, decode_reduced)
+        return transforms.TenCropTransform(image_size, crop_ratio, truncated=truncated)
+    centre = transforms.EvalTransform(image_size, crop_ratio, decode_reduced, truncated)
     return centre if views == "center" else CentreAndMirror(centre)
 
 
@@ -67,16 +83,28 @@ class CentreAndMirror:
         return example
 
 
-def _decoded(batches: Iterator, decoder: str, image_size: int, global_batch_size: int) -> Iterator:
+def _closing(iterator: Iterator, batches: Any) -> Generator:
+    """`iterator`, closing `batches` (a grain pipeline it reads) when it ends or is closed."""
+    try:
+        yield from iterator
+    finally:
+        batches.close()
+
+
+def _decoded(batches: Any, decoder: str, image_size: int, global_batch_size: int) -> Iterator:
     if decoder == "dali":
-        return dali.decode_batches(batches, image_size, parallel.process_batch_size(global_batch_size))
+        local = parallel.process_batch_size(global_batch_size)
+        return _closing(dali.decode_batches(batches, image_size, local), batches)
     return batches
 
 
 def train_host_batches(
     config: ml_collections.ConfigDict, source: Any, global_batch_size: int, start: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's decoded uint8 training batches of `source` from batch `start` on (endless)."""
+    """This process's decoded uint8 training batches of `source` from batch `start` on (endless).
+
+    The iterator has `close()`, which stops the grain worker processes.
+    """
     d = config.dataset
     batches = pipeline.train_batches(
         source,
@@ -100,10 +128,18 @@ def train_micro_batches(config: ml_collections.ConfigDict, source: Any, start: i
       source: the training source.
       start: the first micro-batch index (a checkpoint's `data_position`).
     """
+    # Built now, not on the first step: a bad dataset config (dataset.truncated) fails at once.
     batches = train_host_batches(config, source, config.batch_size // config.grad_accum_steps, start)
-    while True:
-        group = [next(batches) for _ in range(config.grad_accum_steps)]
-        yield jax.tree.map(lambda *x: np.stack(x), *group)
+    return _grouped(batches, config.grad_accum_steps)
+
+
+def _grouped(batches: Any, size: int) -> Generator:
+    try:
+        while True:
+            group = [next(batches) for _ in range(size)]
+            yield jax.tree.map(lambda *x: np.stack(x), *group)
+    finally:  # Closing this generator (or its garbage collection) stops the workers.
+        batches.close()
 
 
 def device_eval_batches(
@@ -139,4 +175,4 @@ def device_eval_batches(
     )
     batches = _decoded(batches, decoder, image_size, global_batch_size)
     num = pipeline.num_eval_batches(len(source), global_batch_size)
-    return num, (b for _, b in zip(range(num), parallel.prefetch_to_device(batches, mesh)))
+    return num, _closing(itertools.islice(parallel.prefetch_to_device(batches, mesh), num), batches)

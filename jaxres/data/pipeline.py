@@ -22,19 +22,25 @@ undecodable records, counted correctly across grain worker processes.
 Worker processes (`num_workers > 0`) receive the source and the transform by
 pickling: both must be picklable (sources open files lazily), and a script
 that starts them needs the usual `if __name__ == "__main__":` guard.
+
+Both functions return a `workers.Batches`: close it (or use `with`) when
+stopping early, so the worker processes end now; evaluation batches close
+themselves when exhausted. A worker process that dies raises `DataError`
+within a bound instead of hanging, and no shared memory outlives the program
+(see workers.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 from absl import flags
 
-from jaxres.data import transforms
+from jaxres.data import transforms, workers
 
 # Examples -> one batch; grain's default stacks every field.
 BatchFn = Callable[[Sequence[Any]], Any]
@@ -52,14 +58,14 @@ def _process_rows(
     return ds.batch(local, drop_remainder=True, batch_fn=batch_fn)[process_index::process_count]
 
 
-def _iterate(ds: grain.MapDataset, num_workers: int) -> Iterator[Any]:
+def _iterate(ds: grain.MapDataset, num_workers: int, name: str) -> workers.Batches:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():
             # grain's workers read absl flags; a library caller (a notebook) parsed none.
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(it)
+    return workers.Batches(iter(it), num_workers, name)
 
 
 def train_dataset(
@@ -89,8 +95,8 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     batch_fn: BatchFn | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """This process's training batches from batch index `start` on (endless)."""
+) -> workers.Batches:
+    """This process's training batches from batch index `start` on (endless; close it when done)."""
     ds = train_dataset(
         source,
         transform,
@@ -100,7 +106,7 @@ def train_batches(
         process_count=process_count,
         batch_fn=batch_fn,
     )
-    return _iterate(ds[start:], num_workers)
+    return _iterate(ds[start:], num_workers, "training")
 
 
 class _Padded:
@@ -147,9 +153,9 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     batch_fn: BatchFn | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> workers.Batches:
     """This process's evaluation batches, padded and masked: every example counts once."""
     padded_len = num_eval_batches(len(source), global_batch_size) * global_batch_size
     ds = grain.MapDataset.source(_Padded(source, padded_len)).map(_MaskPadding(transform))
     ds = _process_rows(ds, global_batch_size, process_index, process_count, batch_fn)
-    return _iterate(ds, num_workers)
+    return _iterate(ds, num_workers, "evaluation")

@@ -20,6 +20,13 @@ our metadata file is an `ArrayRecordSource`; anything else is a tfds name.
 Every source exposes `class_names` and `labels` (one int per record; cheap,
 so that protocols can sample N per class without decoding images).
 
+Files that are not images (`notes.txt`, `.DS_Store`, `Thumbs.db`, sub-folders)
+in a class folder are left out of `ImageFolderSource`, logged once per folder
+and listed in `source.ignored` as (key, reason); a class folder without images
+keeps its label and is warned about by name (`source.empty_classes`).
+
+`ArrayRecordSource.skipped` lists what preparation left out, or kept damaged, and why.
+
 Record format of `ArrayRecordSource` (version 1): each record is a msgpack map
 `{"image": <encoded bytes>, "label": <int>, "key": <str>}`; shards are
 written with `group_size:1` for random access.
@@ -50,6 +57,37 @@ RECORDS_METADATA = "jaxres_dataset.json"
 RECORDS_FORMAT = "jaxres-array-record"
 RECORDS_VERSION = 1
 LIST_FILE_SUFFIX = ".txt"
+IGNORED_SHOWN = 5  # Names quoted in a warning about ignored files.
+
+
+def not_image_reason(name: str, is_dir: bool = False) -> str | None:
+    """Why the file `name` in a class folder is not read as an image, or None when it is one."""
+    if is_dir:
+        return "a sub-folder (only <class>/<file> is read)"
+    suffix = Path(name).suffix.lower()
+    if name.startswith("."):
+        return "hidden file" if suffix in IMAGE_EXTENSIONS else f"not an image file ({name})"
+    if suffix not in IMAGE_EXTENSIONS:
+        return f"not an image file ({suffix or 'no extension'})"
+    return None
+
+
+def warn_ignored(folder: str, entries: Sequence[tuple[str, str]]) -> None:
+    """One warning for the files of `folder` left out as not images: how many, and the first few."""
+    if entries:
+        shown = ", ".join(key.rsplit("/", 1)[-1] for key, _ in entries[:IGNORED_SHOWN])
+        more = f" and {len(entries) - IGNORED_SHOWN} more" if len(entries) > IGNORED_SHOWN else ""
+        log.warning(
+            "Ignored %d file(s) that are not images in %s: %s%s.", len(entries), folder, shown, more
+        )
+
+
+def skipped_entries(entries: Sequence[Any]) -> list[dict[str, str]]:
+    """A metadata `skipped` list as {"key", "reason"} entries (metadata written before lists keys)."""
+    return [
+        entry if isinstance(entry, dict) else {"key": str(entry), "reason": "undecodable"}
+        for entry in entries
+    ]
 
 
 def encode_record(image: bytes, label: int, key: str) -> bytes:
@@ -97,16 +135,33 @@ class ImageFolderSource:
         self.class_names = list(class_names) if class_names is not None else found
         index = {name: i for i, name in enumerate(self.class_names)}
         self._files: list[tuple[str, int]] = []
+        self.ignored: list[tuple[str, str]] = []  # (class/file, reason): not read as images.
+        self.empty_classes: list[str] = []  # Class folders without images (labels kept).
         for name in found:
             if name not in index:
                 raise DataError(
                     f"Class folder {name!r} in {root} is not one of the dataset's classes."
                 )
-            for f in sorted((root / name).iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    self._files.append((str(f), index[name]))
+            count = len(self._files)
+            ignored = []
+            # scandir: is_dir() comes with the listing, no stat per file (ImageNet: 1.3M files).
+            for f in sorted(os.scandir(root / name), key=lambda f: f.name):
+                reason = not_image_reason(f.name, f.is_dir())
+                if reason is None:
+                    self._files.append((str(root / name / f.name), index[name]))
+                else:
+                    ignored.append((f"{name}/{f.name}", reason))
+            warn_ignored(str(root / name), ignored)
+            self.ignored += ignored
+            if len(self._files) == count:
+                self.empty_classes.append(name)
         if not self._files:
             raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/.")
+        for name in self.empty_classes:
+            log.warning(
+                "Class folder %s has no images; its label %d is kept (class_names unchanged).",
+                root / name, index[name],
+            )
         self.root = root
 
     def __len__(self) -> int:
@@ -206,7 +261,7 @@ class ArrayRecordSource:
                 "Set --config.dataset.train_split / val_split."
             )
         info = meta["splits"][split]
-        self.metadata = meta
+        self.metadata, self._split = meta, split
         self.class_names = list(meta["class_names"])
         self._paths = [str(self.directory / f) for f in info["files"]]
         self._labels_path = self.directory / info["labels_file"]
@@ -232,6 +287,17 @@ class ArrayRecordSource:
     @property
     def labels(self) -> np.ndarray:
         return np.load(self._labels_path)
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """{"key", "reason"} of the files left out (or kept damaged) when the dataset was written.
+
+        The dataset's files that are not images come first, then this split's images.
+        """
+        split = self.metadata["splits"][self._split]
+        return skipped_entries(self.metadata.get("skipped", [])) + skipped_entries(
+            split.get("skipped", [])
+        )
 
 
 class TfdsSource:

@@ -14,9 +14,14 @@ pixels differ slightly between paths, the geometry does not. The integer
 fast IDCT is used, as tf.io.decode_jpeg does by default.
 
 Robustness. CMYK / YCCK JPEGs, grayscale, palette and PNG bytes named .JPEG
-decode through PIL to RGB. A truncated JPEG decodes as far as its data goes
-(PIL's `LOAD_TRUNCATED_IMAGES`, turned on only for that retry, under a lock)
-and is logged. A record that still cannot be decoded (zero bytes, garbage)
+decode through PIL to RGB. A truncated file (a JPEG without its end-of-image
+marker after the last scan, or one PIL finds cut short) follows
+`dataset.truncated`: "keep" decodes it as far as its data goes (PIL's
+`LOAD_TRUNCATED_IMAGES`, turned on only for that retry, under a lock) and logs
+its key; "skip" treats it as undecodable. A truncated JPEG always goes
+through PIL, so the outcome does not depend on where the crop window falls
+(the window decoder succeeds when the window lies in the intact part).
+A record that still cannot be decoded (zero bytes, garbage)
 becomes a black image with `mask = 0`, logged with its key: a corrupt file
 never stops an epoch and never counts in the loss or in a metric. The train
 step counts the batch's mask-0 rows (`skipped` in the metrics), so the count is
@@ -41,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from jaxres.data import jpeg_crop
+from jaxres.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,36 @@ FAST_COLORSPACES = ("YCbCr", "Gray", "RGB")  # simplejpeg; CMYK / YCCK go throug
 
 Box = tuple[float, float, float, float]  # (left, top, width, height) in pixels.
 _TRUNCATED_LOCK = threading.Lock()
+TRUNCATED = ("keep", "skip")  # `dataset.truncated`: decode what is there, or mask the record.
+TRUNCATED_INFO = "jaxres_truncated"  # Set in `Image.info` of an image decoded leniently.
+
+
+class TruncatedImageError(OSError):
+    """A truncated file read with `truncated="skip"`."""
+
+
+def check_truncated(truncated: str) -> str:
+    """`truncated` if it is a valid `dataset.truncated`; a ConfigError listing the valid ones otherwise."""
+    if truncated not in TRUNCATED:
+        raise ConfigError(
+            f"Unknown dataset.truncated {truncated!r}; set --config.dataset.truncated to one of "
+            f"{' / '.join(TRUNCATED)}."
+        )
+    return truncated
+
+
+def jpeg_truncated(image_bytes: bytes) -> bool:
+    """Whether JPEG bytes lack the end-of-image marker after their last scan (a cut-off file).
+
+    Entropy-coded data never holds a 0xFFD9 or 0xFFDA byte pair (0xFF is stuffed),
+    so the last start-of-scan marker is the main image's, and the end marker
+    must follow it. Bytes after the end marker (camera padding) are allowed.
+    Searched from the end: a complete file costs a few bytes of search.
+    """
+    end = image_bytes.rfind(b"\xff\xd9")
+    if end < 0:
+        return b"\xff\xda" in image_bytes
+    return image_bytes.find(b"\xff\xda", end) >= 0
 
 
 def _placeholder_jpeg() -> bytes:
@@ -78,9 +114,16 @@ _BYTESIO_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def pil_open(
-    image_bytes: bytes, key: str = "?", draft_size: tuple[int, int] | None = None
+    image_bytes: bytes,
+    key: str = "?",
+    draft_size: tuple[int, int] | None = None,
+    truncated: str = "keep",
 ) -> Image.Image:
-    """Decodes to RGB with PIL (at reduced size when `draft_size`); a truncated file is retried leniently."""
+    """Decodes to RGB with PIL (at reduced size when `draft_size`).
+
+    A truncated file is decoded leniently with `truncated="keep"` (logged, and
+    marked `image.info[TRUNCATED_INFO]`) and raises `TruncatedImageError` with "skip".
+    """
     image = Image.open(io.BytesIO(image_bytes))
     if draft_size is not None and image.format == "JPEG":
         image.draft("RGB", draft_size)
@@ -89,6 +132,8 @@ def pil_open(
     except OSError as e:
         if "truncated" not in str(e):
             raise
+        if truncated == "skip":
+            raise TruncatedImageError("truncated file (dataset.truncated=skip)") from None
         # The flag is module-global in PIL: set it only for this retry, under a lock.
         with _TRUNCATED_LOCK:
             previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
@@ -100,12 +145,16 @@ def pil_open(
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = previous
         log.warning("Decoded truncated image %s as far as its data goes.", key, extra={"image_key": key})
-    return image if image.mode == "RGB" else image.convert("RGB")
+        image.info[TRUNCATED_INFO] = True
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    if image.info.get(TRUNCATED_INFO):
+        rgb.info[TRUNCATED_INFO] = True
+    return rgb
 
 
-def decode(image_bytes: bytes, key: str = "?") -> Image.Image:
+def decode(image_bytes: bytes, key: str = "?", truncated: str = "keep") -> Image.Image:
     """Decodes JPEG / PNG / ... bytes (CMYK, grey and palette images included) to RGB."""
-    return pil_open(image_bytes, key)
+    return pil_open(image_bytes, key, truncated=truncated)
 
 
 def dct_scale(box: Box, out_size: tuple[int, int], reduced: bool = True) -> int:
@@ -129,12 +178,13 @@ def decode_for_crop(
     out_size: Callable[[Box], tuple[int, int]],
     key: str = "?",
     reduced: bool = True,
+    truncated: str = "keep",
 ) -> tuple[np.ndarray, Box]:
     """Decodes as little as the crop needs; returns (uint8 HxWx3, the crop box in its pixels).
 
     JPEGs: only the crop window (TurboJPEG 3, `jpeg_crop`), else the whole
     image (simplejpeg), in both cases DCT-scaled when `reduced` allows. Other
-    formats, CMYK and damaged files: PIL (`Image.draft` for the scaling).
+    formats, CMYK, truncated and damaged files: PIL (`Image.draft` for the scaling).
 
     Args:
       image_bytes: encoded image.
@@ -142,8 +192,9 @@ def decode_for_crop(
       out_size: crop box -> the (w, h) the crop will be resized to.
       key: the record's key, for log messages.
       reduced: allow DCT-scaled JPEG decoding.
+      truncated: "keep" or "skip" (raise `TruncatedImageError`) for a truncated file.
     """
-    if image_bytes[:2] == b"\xff\xd8":
+    if image_bytes[:2] == b"\xff\xd8" and not jpeg_truncated(image_bytes):
         for decoder in (_decode_window, _decode_whole):
             decoded = decoder(image_bytes, box_fn, out_size, reduced)
             if decoded is not None:
@@ -153,7 +204,7 @@ def decode_for_crop(
     box = box_fn(*full)
     scale = dct_scale(box, out_size(box), reduced)
     draft = (math.ceil(full[0] / scale), math.ceil(full[1] / scale)) if scale > 1 else None
-    array = np.asarray(pil_open(image_bytes, key, draft))
+    array = np.asarray(pil_open(image_bytes, key, draft, truncated))
     return array, _scaled_box(box, full, array)
 
 
@@ -303,12 +354,14 @@ class TrainTransform:
         flip: bool = True,
         color_jitter: float = 0.0,
         decode_reduced: bool = True,
+        truncated: str = "keep",
     ):
         self.image_size = image_size
         self.area_range = (min_area, 1.0)
         self.flip = flip
         self.color_jitter = color_jitter
         self.decode_reduced = decode_reduced
+        self.truncated = check_truncated(truncated)
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         size = (self.image_size, self.image_size)
@@ -320,6 +373,7 @@ class TrainTransform:
                 lambda box: size,
                 key,
                 self.decode_reduced,
+                self.truncated,
             )
         except Exception as e:  # noqa: BLE001 - any undecodable file is skipped, not fatal.
             return skipped(record, (self.image_size, self.image_size, 3), e)
@@ -339,12 +393,17 @@ class EvalTransform:
     """
 
     def __init__(
-        self, image_size: int, crop_ratio: float = EVAL_CROP_RATIO, decode_reduced: bool = True
+        self,
+        image_size: int,
+        crop_ratio: float = EVAL_CROP_RATIO,
+        decode_reduced: bool = True,
+        truncated: str = "keep",
     ):
         self.image_size = image_size
         self.crop_ratio = crop_ratio
         self.resize_size = round(image_size / crop_ratio)
         self.decode_reduced = decode_reduced
+        self.truncated = check_truncated(truncated)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         size = (self.image_size, self.image_size)
@@ -355,6 +414,7 @@ class EvalTransform:
                 lambda box: size,
                 record.get("key", "?"),
                 self.decode_reduced,
+                self.truncated,
             )
         except Exception as e:  # noqa: BLE001
             return skipped(record, (self.image_size, self.image_size, 3), e)
@@ -371,11 +431,16 @@ class TenCropTransform:
     """
 
     def __init__(
-        self, image_size: int, crop_ratio: float = EVAL_CROP_RATIO, decode_reduced: bool = True
+        self,
+        image_size: int,
+        crop_ratio: float = EVAL_CROP_RATIO,
+        decode_reduced: bool = True,
+        truncated: str = "keep",
     ):
         self.image_size = image_size
         self.resize_size = round(image_size / crop_ratio)
         self.decode_reduced = decode_reduced
+        self.truncated = check_truncated(truncated)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         s, r = self.image_size, self.resize_size
@@ -386,6 +451,7 @@ class TenCropTransform:
                 lambda box: shorter_side_size(int(box[2]), int(box[3]), r),
                 record.get("key", "?"),
                 self.decode_reduced,
+                self.truncated,
             )
         except Exception as e:  # noqa: BLE001
             return skipped(record, (10, s, s, 3), e)

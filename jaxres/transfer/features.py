@@ -83,7 +83,9 @@ class FeatureExtractor:
         self.member, self.layer, self.pool, self.views = member, layer, pool, views
         self.image_size = image_size or member.config.dataset.image_size
         self.crop_ratio = crop_ratio or member.config.dataset.eval_crop_ratio
-        self.transform = loader.view_transform(self.image_size, self.crop_ratio, views)
+        self.transform = loader.view_transform(
+            self.image_size, self.crop_ratio, views, truncated=member.config.dataset.truncated
+        )
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
         self.variables = parallel.replicate(member.variables, self.mesh)

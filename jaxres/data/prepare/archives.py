@@ -2,21 +2,37 @@
 
 `input_files` gives the files of a plain or compressed tar, of a tar.gz held
 inside a zip, or of a folder, as `{path: reader}`; `class_files` groups the
-image paths `.../<root>/<class>/<file>` by class. Archive member names and
+image paths `.../<root>/<class>/<file>` by class, and returns the other files
+of the class folders (`.txt`, `.DS_Store`, `Thumbs.db`) with the reason they
+are left out, for the dataset's `skipped` list. Archive member names and
 folder paths come out alike (`<root>/<class>/<file>`), whichever form the
 dataset arrived in.
 """
 
 from __future__ import annotations
 
+import logging
 import tarfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from jaxres.data import sources
 from jaxres.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class ClassFiles(NamedTuple):
+    """`class_files`' result: the images by class, and the files left out."""
+
+    classes: dict[str, dict[str, Any]]  # {class: {file: reader}}
+    ignored: list[tuple[str, str]]  # (class/file, reason), sorted.
+
+
+def _not_read() -> bytes:
+    return b""  # A non-image member of a compressed tar: named in `skipped`, never read.
 
 
 def _member_reader(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Callable[[], bytes]:
@@ -35,9 +51,13 @@ def _tar_files(tar_path: Path | None = None, fileobj: Any = None) -> dict[str, C
     # A compressed tar cannot seek cheaply: stream it once and keep the images (Caltech-101: 130 MB).
     with tarfile.open(tar_path, "r|*", fileobj=fileobj) as tar:
         for member in tar:
-            if member.isfile() and member.name.lower().endswith(sources.IMAGE_EXTENSIONS):
+            if not member.isfile():
+                continue
+            if member.name.lower().endswith(sources.IMAGE_EXTENSIONS):
                 data = tar.extractfile(member).read()
                 files[_clean(member.name)] = lambda data=data: data
+            else:
+                files[_clean(member.name)] = _not_read
     return files
 
 
@@ -100,18 +120,35 @@ def input_files(path: Path, inner_archive: str = "") -> dict[str, Callable[[], b
 
 def class_files(
     files: dict[str, Any], root_name: str, exclude: Sequence[str] = ()
-) -> dict[str, dict[str, Any]]:
-    """{class: {file: reader}} for image paths `.../root_name/<class>/<file>` (deeper paths ignored)."""
+) -> ClassFiles:
+    """The images `.../root_name/<class>/<file>` by class, and the other files there with why.
+
+    Deeper paths, the `exclude`d classes and macOS `__MACOSX` copies are not
+    read. A folder holding no image is not a class (it is warned about).
+    """
     classes: dict[str, dict[str, Any]] = {}
+    others: dict[str, list[tuple[str, str]]] = {}
     for name, read in files.items():
         parts = name.split("/")
-        if root_name not in parts[:-2] or not name.lower().endswith(sources.IMAGE_EXTENSIONS):
+        if root_name not in parts[:-2] or "__MACOSX" in parts:
             continue
         rest = parts[parts.index(root_name) + 1 :]
-        if len(rest) == 2 and rest[0] not in exclude and not rest[1].startswith("."):
+        if len(rest) != 2 or rest[0] in exclude:
+            continue
+        reason = sources.not_image_reason(rest[1])
+        if reason is None:
             classes.setdefault(rest[0], {})[rest[1]] = read
+        else:
+            others.setdefault(rest[0], []).append((f"{rest[0]}/{rest[1]}", reason))
     if not classes:
         raise DataError(
             f"Found no {root_name}/<class>/<image> files; is this the right archive or folder?"
         )
-    return classes
+    ignored = []
+    for folder in sorted(others):
+        entries = sorted(others[folder])
+        sources.warn_ignored(f"{root_name}/{folder}", entries)
+        if folder not in classes:
+            log.warning("Folder %s/%s holds no images; it is not a class.", root_name, folder)
+        ignored += entries
+    return ClassFiles(classes, ignored)

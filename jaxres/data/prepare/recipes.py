@@ -63,7 +63,7 @@ def prepare_caltech101(
     """
     manual_dir = Path(manual_dir)
     found = archives.find_input(manual_dir, CALTECH101_ARCHIVES, "Caltech-101")
-    classes = archives.class_files(
+    classes, ignored = archives.class_files(
         archives.input_files(found, "101_ObjectCategories.tar.gz"),
         "101_ObjectCategories",
         CALTECH101_DROPPED,
@@ -72,7 +72,13 @@ def prepare_caltech101(
     out = Path(data_dir or manual_dir) / "caltech101"
     notes = f"{len(names)} classes; dropped {', '.join(CALTECH101_DROPPED)} (standard protocol)."
     records.write_record_dataset(
-        out, {"all": _records(classes, names)}, names, source=str(found), notes=notes, **options
+        out,
+        {"all": _records(classes, names)},
+        names,
+        source=str(found),
+        notes=notes,
+        ignored=ignored,
+        **options,
     )
     return out
 
@@ -87,14 +93,22 @@ def prepare_caltech256(
     manual_dir = Path(manual_dir)
     found = archives.find_input(manual_dir, CALTECH256_ARCHIVES, "Caltech-256")
     dropped = () if keep_clutter else (CALTECH256_CLUTTER,)
-    classes = archives.class_files(archives.input_files(found), "256_ObjectCategories", dropped)
+    classes, ignored = archives.class_files(
+        archives.input_files(found), "256_ObjectCategories", dropped
+    )
     names = sorted(classes)
     out = Path(data_dir or manual_dir) / "caltech256"
     notes = f"{len(names)} classes; " + (
         "kept 257.clutter." if keep_clutter else "dropped 257.clutter (standard protocol)."
     )
     records.write_record_dataset(
-        out, {"all": _records(classes, names)}, names, source=str(found), notes=notes, **options
+        out,
+        {"all": _records(classes, names)},
+        names,
+        source=str(found),
+        notes=notes,
+        ignored=ignored,
+        **options,
     )
     return out
 
@@ -113,7 +127,7 @@ def prepare_indoor67(
                 f"MIT Indoor-67 needs the official split list {path} (with {', '.join(INDOOR67_LISTS.values())})."
             )
         lists[split] = set(sources.read_list_file(path))
-    classes = archives.class_files(archives.input_files(found), "Images")
+    classes, ignored = archives.class_files(archives.input_files(found), "Images")
     names = sorted({key.split("/")[0] for keys in lists.values() for key in keys})
     present = {f"{c}/{f}" for c, files in classes.items() for f in files}
     for split, keys in lists.items():
@@ -131,6 +145,7 @@ def prepare_indoor67(
         names,
         source=str(found),
         notes="Official TrainImages / TestImages lists.",
+        ignored=ignored,
         **options,
     )
     return out
@@ -148,6 +163,8 @@ def prepare_imagefolder(
 
     With `val_fraction=0` and split lists `manual_dir/train.txt` (+ `val.txt`)
     present, those lists give the splits; otherwise every image is "train".
+    Files that are not images are listed in `skipped`; a class folder without
+    images keeps its label (and is warned about).
     """
     from jaxres.data import splits as splits_lib
 
@@ -173,8 +190,16 @@ def prepare_imagefolder(
         parts = {"train": folder}
     out = Path(data_dir or manual_dir.parent) / name
     notes = f"Image folder; val_fraction={val_fraction}, seed={seed}."
+    if folder.empty_classes:
+        notes += f" Class folders without images (labels kept): {', '.join(folder.empty_classes)}."
     records.write_record_dataset(
-        out, parts, folder.class_names, source=str(manual_dir), notes=notes, **options
+        out,
+        parts,
+        folder.class_names,
+        source=str(manual_dir),
+        notes=notes,
+        ignored=folder.ignored,
+        **options,
     )
     return out
 
@@ -186,8 +211,11 @@ def prepare_imagenet2012(
     jpeg_quality: int = records.RESIZED_JPEG_QUALITY,
     num_workers: int = 0,
     overwrite: bool = False,
+    truncated: str = "keep",
 ) -> Path:
     """ImageNet-1k from the two official tars via the tfds builder (array_record); optional resized copy.
+
+    `truncated` ("keep" / "skip") applies to the resized copy; the tfds builder decodes with TensorFlow.
 
     Returns:
       The tfds data_dir, or the resized dataset's folder when `resize_shorter`.
@@ -222,6 +250,7 @@ def prepare_imagenet2012(
         jpeg_quality=jpeg_quality,
         num_workers=num_workers,
         overwrite=overwrite,
+        truncated=truncated,
     )
     return out
 

@@ -4,9 +4,17 @@ Read back by `sources.ArrayRecordSource` (record format documented in sources.py
 
 Every image is checked on the way in: JPEGs in RGB / grey are stored as they
 are; CMYK, palette, PNG, GIF ... are re-encoded as RGB JPEG at
-`PREPARE_JPEG_QUALITY`; a file that cannot be decoded at all is left out and
-named in the metadata (`skipped`). Writing the same dataset again is a no-op
-once its metadata file exists.
+`PREPARE_JPEG_QUALITY`; a file that cannot be decoded at all is left out. A
+truncated file follows `truncated`: "keep" stores what decodes (re-encoded),
+"skip" leaves it out. Writing the same dataset again is a no-op once its
+metadata file exists.
+
+The metadata names every file left out or kept damaged, as `{"key", "reason"}`
+entries: `splits[<split>]["skipped"]` for the split's images (reasons such as
+"0-byte file", "truncated", "truncated, kept as decoded"), and the
+dataset-level `skipped` for files found while walking the input that are not
+images at all (".txt", ".DS_Store", ...), passed in as `ignored`. Metadata
+written before lists plain keys; `sources.skipped_entries` reads both.
 """
 
 from __future__ import annotations
@@ -50,28 +58,34 @@ class RecordList:
         return {"image": read(), "label": label, "key": key}
 
 
-def normalize_image(
+TRUNCATED_KEPT = "truncated, kept as decoded"
+TRUNCATED_SKIPPED = "truncated"
+
+
+def check_image(
     image_bytes: bytes,
     resize_shorter: int | None = None,
     quality: int = PREPARE_JPEG_QUALITY,
     key: str = "?",
-) -> bytes | None:
-    """The bytes to store for one image, or None when it cannot be decoded at all.
+    truncated: str = "keep",
+) -> tuple[bytes | None, str]:
+    """(the bytes to store or None to leave the image out, why: "" when nothing is wrong).
 
     A complete RGB / grey JPEG that needs no resizing is kept byte for byte;
     anything else (CMYK, PNG, GIF, truncated, or larger than `resize_shorter`)
-    is decoded and re-encoded as an RGB JPEG at `quality`.
+    is decoded and re-encoded as an RGB JPEG at `quality`. A truncated file is
+    re-encoded as far as it decodes with `truncated="keep"`, left out with "skip".
     """
     try:
         header = Image.open(io.BytesIO(image_bytes))  # Reads the header only.
-    except Exception:  # noqa: BLE001 - zero bytes, garbage: reported by the caller.
-        return None
+    except Exception as e:  # noqa: BLE001 - zero bytes, garbage: reported by the caller.
+        return None, transforms.undecodable_reason(image_bytes, e)
     size = header.size
     shrink = bool(resize_shorter) and min(size) > resize_shorter
     if header.format == "JPEG" and header.mode in ("RGB", "L") and not shrink:
         try:
             header.load()  # The whole file must decode, or it is re-encoded below.
-            return image_bytes
+            return image_bytes, ""
         except Exception as e:  # noqa: BLE001
             log.debug("%s does not decode fully (%s); re-encoding what does.", key, e)
     target = transforms.shorter_side_size(*size, resize_shorter) if shrink else None
@@ -80,18 +94,31 @@ def normalize_image(
         scale = transforms.dct_scale((0, 0, *size), target)
         draft = (math.ceil(size[0] / scale), math.ceil(size[1] / scale)) if scale > 1 else None
     try:
-        image = transforms.pil_open(image_bytes, key, draft)
-    except Exception:  # noqa: BLE001 - undecodable: reported by the caller.
-        return None
+        image = transforms.pil_open(image_bytes, key, draft, truncated)
+    except transforms.TruncatedImageError:
+        return None, TRUNCATED_SKIPPED
+    except Exception as e:  # noqa: BLE001 - undecodable: reported by the caller.
+        return None, transforms.undecodable_reason(image_bytes, e)
+    note = TRUNCATED_KEPT if image.info.get(transforms.TRUNCATED_INFO) else ""
     if target is not None:
         image = image.resize(target, Image.Resampling.BICUBIC)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality)
-    return out.getvalue()
+    return out.getvalue(), note
 
 
-def _normalize_task(args: tuple[bytes, int | None, int, str]) -> bytes | None:
-    return normalize_image(*args)
+def normalize_image(
+    image_bytes: bytes,
+    resize_shorter: int | None = None,
+    quality: int = PREPARE_JPEG_QUALITY,
+    key: str = "?",
+) -> bytes | None:
+    """The bytes to store for one image, or None when it cannot be decoded at all (`check_image`)."""
+    return check_image(image_bytes, resize_shorter, quality, key)[0]
+
+
+def _check_task(args: tuple[bytes, int | None, int, str, str]) -> tuple[bytes | None, str]:
+    return check_image(*args)
 
 
 def _map(fn: Callable, items: Iterable, num_workers: int) -> Iterable:
@@ -131,16 +158,27 @@ def _write_split(
         for i in range(n):
             record = source[i]
             pending.append((record["key"], int(record["label"])))  # Read before its result arrives.
-            yield record["image"], options["resize_shorter"], options["jpeg_quality"], record["key"]
+            yield (
+                record["image"],
+                options["resize_shorter"],
+                options["jpeg_quality"],
+                record["key"],
+                options["truncated"],
+            )
 
     labels, skipped = [], []
-    results = _map(_normalize_task, tasks(), num_workers)
-    for i, data in enumerate(progress_bar(results, n, f"{directory.name}/{split}", unit="img")):
+    results = _map(_check_task, tasks(), num_workers)
+    for i, (data, reason) in enumerate(
+        progress_bar(results, n, f"{directory.name}/{split}", unit="img")
+    ):
         key, label = pending.popleft()
+        if reason:
+            skipped.append({"key": key, "reason": reason})
         if data is None:
-            log.warning("Skipping undecodable image %s", key)
-            skipped.append(key)
+            log.warning("Skipping image %s: %s", key, reason)
             continue
+        if reason:
+            log.warning("Keeping image %s: %s", key, reason)
         writers[i * len(paths) // n].write(sources.encode_record(data, label, key))
         labels.append(label)
     for writer in writers:
@@ -167,6 +205,8 @@ def write_record_dataset(
     num_workers: int = 0,
     notes: str = "",
     overwrite: bool = False,
+    truncated: str = "keep",
+    ignored: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """Writes `splits` ({name: record source}) as an `ArrayRecordSource` dataset in `directory`.
 
@@ -175,11 +215,19 @@ def write_record_dataset(
     dataset is written to `directory.tmp` and renamed at the end, so an
     interrupted run never leaves a half dataset behind.
 
+    Args:
+      truncated: "keep" (store what decodes) or "skip" a truncated image; named either way.
+      ignored: (key, reason) of input files that are not images, listed in `skipped`.
+
     Returns:
       The metadata (also saved as `directory/jaxres_dataset.json`).
     """
     directory = Path(directory)
-    options = {"resize_shorter": resize_shorter, "jpeg_quality": jpeg_quality}
+    options = {
+        "resize_shorter": resize_shorter,
+        "jpeg_quality": jpeg_quality,
+        "truncated": transforms.check_truncated(truncated),
+    }
     existing = sources.read_metadata(directory)
     if existing is None and directory.exists() and any(directory.iterdir()):
         # Never replace a folder we did not write (it may be the user's images).
@@ -188,7 +236,10 @@ def write_record_dataset(
             "or remove that folder."
         )
     if existing is not None and not overwrite:
-        if existing.get("options") != options or sorted(existing["splits"]) != sorted(splits):
+        # Datasets written before `truncated` existed were written as "keep".
+        if {"truncated": "keep", **existing.get("options", {})} != options or sorted(
+            existing["splits"]
+        ) != sorted(splits):
             raise DataError(
                 f"{directory} was prepared with options {existing.get('options')} and splits "
                 f"{sorted(existing['splits'])}; add --overwrite to write it again with {options}."
@@ -206,6 +257,7 @@ def write_record_dataset(
         "notes": notes,
         "options": options,
         "class_names": list(class_names),
+        "skipped": [{"key": key, "reason": reason} for key, reason in ignored],
         "splits": {},
     }
     for split, split_source in splits.items():
