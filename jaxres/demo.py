@@ -17,7 +17,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     rows = []
     start = time.time()
     train.train_and_evaluate(config, workdir)
-    rows.append({"what": f"train {config.model.name}, {config.num_epochs} epochs", "seconds": time.time() - start})
+    rows.append(dict(train_row(config, workdir), seconds=time.time() - start))
 
     from jaxres import evaluate
 
@@ -41,6 +41,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     rows.append(dict(probe, seconds=time.time() - start))
     rows.append(classify_with_export(exported, config))
     return rows
+
+
+def train_row(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """The training row: model, epochs and the run's MFU (median over its log steps), with the
+    step-time breakdown beneath."""
+    from jaxres import profiling
+
+    length = f"{config.num_steps} steps" if config.num_steps else f"{config.num_epochs:g} epochs"
+    what = f"train {config.model.name}, {length}"
+    timing = profiling.run_timing(workdir)
+    if "mfu" not in timing:
+        return {"what": what}
+    peak = profiling.device_peak(config.model.dtype)
+    detail = (
+        f"  (median step {timing['step_s']:.3f} s: data {timing['data_s']:.3f} s, device "
+        f"{timing['device_s']:.3f} s, input wait {100 * timing['input_wait']:.0f}%; MFU against {peak.label})"
+    )
+    return {"what": f"{what}, MFU {100 * timing['mfu']:.1f}% of {peak.short}", "details": [detail]}
 
 
 def classify_with_export(exported: str, config: ml_collections.ConfigDict) -> dict[str, Any]:

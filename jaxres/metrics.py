@@ -152,6 +152,15 @@ class MetricWriter:
             self._tb = None
 
 
+def read_rows(workdir: str) -> list[dict[str, Any]]:
+    """The rows of `workdir/metrics.jsonl` in order ([] when there is none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _drop_rows_after(path: str, step: int) -> None:
     """Rewrites metrics.jsonl without the rows of steps after `step` (atomically)."""
     if not os.path.isfile(path):
@@ -192,11 +201,13 @@ class Throughput:
         eta = (self.total_steps - step) * seconds / steps
         return {"img_per_sec": img_per_sec, "eta_s": eta}
 
-    def line(self, step: int, scalars: Mapping[str, Any]) -> str:
+    def line(self, step: int, scalars: Mapping[str, Any], extra: str = "") -> str:
+        """`step N/M | epoch | name value ... | extra | ETA h:mm:ss` (`extra`: preformatted)."""
         epoch = step / self.steps_per_epoch
         eta = scalars.get("eta_s", 0.0)
         parts = [f"step {step}/{self.total_steps}", f"epoch {epoch:.2f}"]
         parts += [f"{k} {v:.4g}" for k, v in scalars.items() if k not in ("eta_s", "epoch") and isinstance(v, float)]
+        parts += [extra] if extra else []
         parts.append(f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
         return " | ".join(parts)
 

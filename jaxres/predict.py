@@ -241,33 +241,10 @@ def write_predictions(predictions: Sequence[Prediction], path: str) -> None:
 def draw_grid(
     predictions: Sequence[Prediction], output: str, thumb: int = 128, columns: int = 8
 ) -> None:
-    """Saves a grid of the images, each with its predicted (and, when known, true) label.
+    """Saves a grid of the images, each with its file name and predicted (and, when known, true) label.
 
     Green: the prediction equals the true label; red: it does not; black: no true label.
     """
-    from PIL import Image, ImageDraw
+    from jaxres import plots
 
-    rows = -(-len(predictions) // columns)
-    text_h = 28
-    grid = Image.new("RGB", (columns * thumb, rows * (thumb + text_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, p in enumerate(predictions):
-        x, y = (i % columns) * thumb, (i // columns) * (thumb + text_h)
-        try:
-            with Image.open(p.path) as im:
-                im = im.convert("RGB")
-                scale = thumb / max(im.size)  # Up or down: 32x32 digits become readable.
-                im = im.resize(
-                    (max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                    Image.Resampling.BICUBIC,
-                )
-                grid.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
-        except OSError:
-            pass
-        name, prob = p.top[0] if p.ok else ("?", 0.0)
-        color = "black" if p.true is None else ("green" if p.true == name else "red")
-        draw.text((x + 2, y + thumb), f"pred {name[:14]} {prob:.2f}", fill=color)
-        if p.true is not None:
-            draw.text((x + 2, y + thumb + 13), f"true {p.true[:14]}", fill="black")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    grid.save(output)
+    plots.prediction_grid(predictions, output, thumb, columns)

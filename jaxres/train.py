@@ -12,8 +12,10 @@ in as arguments.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,7 +28,7 @@ import numpy as np
 import optax
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import interrupts, optim, parallel, runs
+from jaxres import interrupts, optim, parallel, plots, profiling, runs
 from jaxres import metrics as metrics_lib
 from jaxres.data import dali, loader, sources
 from jaxres.errors import CheckpointError, ConfigError, NonFiniteLossError, unknown_name
@@ -334,6 +336,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
                 "config.dataset.color_jitter runs only on the CPU decoder; set "
                 "--config.dataset.decoder=cpu or --config.dataset.color_jitter=0."
             )
+    profiling.parse_profile_steps(config.profile_steps)
     runs.build_model(config)  # Unknown model names / fields fail here, before data loading.
     if config.init_from:
         _check_init_from_head(config)
@@ -439,44 +442,59 @@ def train_and_evaluate(
         def evaluate(s: TrainState) -> dict[str, float]:
             return validate(eval_variables(s, config), eval_fn, val_source, config, mesh)
 
-        loop = _Loop(config, checkpointer, writer, schedule, steps_per_epoch, total_steps, start)
-        with interrupts.exit_if_a_peer_is_lost():  # Before `finally`: closing would wait for the dead.
-            return loop.run(state, batches, step_fn, evaluate, preemption)
+        timer, cost = profiling.training_timer(model, config, mesh.devices.size)
+        if start < total_steps:  # Compiled here, found cached by the loop; one line says what a step costs.
+            batches = profiling.compile_and_describe(step_fn, state, batches, timer, cost, config)
+        loop = _Loop(config, checkpointer, writer, schedule, steps_per_epoch, total_steps, start, timer)
+        window = profiling.ProfileWindow(config.profile_steps, os.path.join(workdir, "tb"))
+        # Before `finally`: closing would wait for the dead.
+        with interrupts.exit_if_a_peer_is_lost(), contextlib.closing(window):
+            state = loop.run(state, batches, step_fn, evaluate, preemption, window)
     finally:
         preemption.restore()
         checkpointer.close()
         if writer is not None:
             writer.close()
+    if jax.process_index() == 0 and plots.write_curves([workdir], os.path.join(workdir, "curves.png")):
+        metrics_lib.log_line(f"Training curves: {os.path.join(workdir, 'curves.png')}")
+    return state
 
 
 class _Loop:
     """The steps of one `train_and_evaluate` call: log, evaluate, save, stop when asked."""
 
     def __init__(
-        self, config, checkpointer, writer, schedule, steps_per_epoch: int, total_steps: int, start: int
+        self, config, checkpointer, writer, schedule, steps_per_epoch: int, total_steps: int, start: int, timer
     ):
         self.config, self.checkpointer, self.writer, self.schedule = config, checkpointer, writer, schedule
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.progress = metrics_lib.Throughput(total_steps, start, config.batch_size, steps_per_epoch)
+        self.timer = timer  # profiling.StepTimer: input wait vs device time, MFU.
         self.pending, self.pending_from = None, start
 
     def run(
-        self, state: TrainState, batches: Iterator, step_fn: Callable, evaluate: Callable, preemption
+        self, state: TrainState, batches: Iterator, step_fn: Callable, evaluate: Callable, preemption, window
     ) -> TrainState:
         """Steps from the state's step to `total_steps` (or to a signal); returns the last state."""
         c = self.config
         eval_every = max(1, int(c.eval_every_epochs * self.steps_per_epoch))
         for step in range(int(state.step) + 1, self.total_steps + 1):
-            state, step_metrics = step_fn(state, next(batches))
+            log_step = step % c.log_every_steps == 0 or step == self.total_steps
+            batch = self.timer.next_batch(batches)  # Host time waiting for input; no device sync.
+            window.before_step(step, state)
+            state, step_metrics = self.timer.step(step_fn, state, batch, sample=log_step)
+            window.after_step(step, step_metrics)
             self.pending = step_metrics if self.pending is None else self.pending.merge(step_metrics)
-            if step % c.log_every_steps == 0 or step == self.total_steps:
+            if log_step:
                 self.log(step)
             if step % eval_every == 0 or step == self.total_steps:
-                eval_metrics = evaluate(state)
-                _write_eval(self.writer, step, self.steps_per_epoch, eval_metrics)
-                self.save(step, state, eval_metrics)
+                with self.timer.paused(state):  # Not step time.
+                    eval_metrics = evaluate(state)
+                    _write_eval(self.writer, step, self.steps_per_epoch, eval_metrics)
+                    self.save(step, state, eval_metrics)
             elif step % c.checkpoint_every_steps == 0 or step % self.steps_per_epoch == 0:
-                self.save(step, state)
+                with self.timer.paused(state):
+                    self.save(step, state)
             if preemption.should_stop(step, c.log_every_steps) and step < self.total_steps:
                 if self.checkpointer.latest_step() != step:
                     self.save(step, state)
@@ -488,12 +506,17 @@ class _Loop:
 
     def log(self, step: int) -> None:
         """Train metrics since the last log step -> metrics.jsonl, TensorBoard, the console."""
+        timing = self.timer.summary()  # First: the log's own time is not a step's.
         scalars = {k: float(v) for k, v in self.pending.compute().items()}
         _check_finite(scalars, self.pending_from, step)
         lr = float(self.schedule(step - 1))
-        scalars.update(epoch=step / self.steps_per_epoch, lr=lr, **self.progress.update(step))
+        scalars.update(epoch=step / self.steps_per_epoch, lr=lr, **self.progress.update(step), **timing)
         self.writer.write(step, scalars)
-        metrics_lib.log_line(self.progress.line(step, scalars))
+        shown = {k: v for k, v in scalars.items() if k not in timing}
+        metrics_lib.log_line(self.progress.line(step, shown, extra=self.timer.format(timing)))
+        warning = self.timer.input_warning(timing, self.config.dataset)
+        if warning:
+            metrics_lib.log_line(warning)
         self.pending, self.pending_from = None, step
 
     def save(self, step: int, state: TrainState, eval_metrics: dict | None = None) -> None:

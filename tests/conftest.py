@@ -7,6 +7,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 # grain and other absl users read flags; pytest does not parse them.
@@ -18,3 +19,20 @@ try:
     import torchvision  # noqa: F401, E402
 except ImportError:
     pass
+
+
+@pytest.fixture(scope="session")
+def two_process_reference(tmp_path_factory):
+    """(workdir, output) of one uninterrupted 2-process smoke run (launch_local, gloo, 16 steps),
+    shared by the multi-process tests of test_cli.py and test_faults.py."""
+    import sys
+
+    from test_cli import REPO, _env, _run, _train_cmd
+
+    from jaxres.data import embedded
+
+    data_dir = tmp_path_factory.mktemp("reference_data")
+    embedded.write_digits(data_dir)
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    launcher = [sys.executable, os.path.join(REPO, "scripts", "launch_local.py"), "--num_processes", "2", "--"]
+    return workdir, _run(launcher + _train_cmd(workdir, str(data_dir)), _env(1)).stdout

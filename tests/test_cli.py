@@ -92,7 +92,7 @@ def test_sigterm_then_resume_matches_uninterrupted(data_dir, tmp_path):
     assert eval_res["val_top1"] == eval_ref["val_top1"]
 
 
-def test_two_processes_match_one(data_dir, tmp_path):
+def test_two_processes_match_one(data_dir, tmp_path, two_process_reference):
     """2 processes x 1 CPU device (gloo) vs 1 process x 2 devices, same global batches.
 
     Only the reduction order differs (gloo all-reduce vs in-process), so the
@@ -100,10 +100,8 @@ def test_two_processes_match_one(data_dir, tmp_path):
     """
     one = str(tmp_path / "one")
     _run(_train_cmd(one, data_dir), _env(2))
-    two = str(tmp_path / "two")
-    launcher = [sys.executable, os.path.join(REPO, "scripts", "launch_local.py"), "--num_processes", "2", "--"]
-    result = _run(launcher + _train_cmd(two, data_dir), _env(1))
-    assert "2 devices, 2 process(es)" in result.stdout
+    two, output = two_process_reference
+    assert "2 devices, 2 process(es)" in output
     one_rows = [r for r in _rows(one) if "loss" in r]
     two_rows = [r for r in _rows(two) if "loss" in r]
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows]
@@ -180,3 +178,25 @@ def test_bad_config_file_or_arg_is_one_line(tmp_path, config, message):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("jaxres error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+
+
+def test_compilation_cache_is_written_then_read(tmp_path):
+    """The persistent cache works in the core install (filelock): a second process hits it."""
+    script = (
+        "import sys, jax, jax.numpy as jnp\n"
+        "from jaxres import cli\n"
+        "hits = []\n"
+        "jax.monitoring.register_event_listener(lambda e, **k: hits.append(e) if 'cache_hits' in e else None)\n"
+        "cli.use_compilation_cache(sys.argv[1])\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "x = jnp.ones((64, 64))\n"
+        "jax.jit(lambda a: jnp.tanh(a @ a) @ a)(x).block_until_ready()\n"
+        "print('hits', len(hits))\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", script, str(tmp_path / "xla")], cwd=REPO, capture_output=True,
+                           text=True, timeout=120, check=False, env=dict(os.environ, XLA_FLAGS=""))
+            for _ in range(2)]  # fmt: skip
+    for r in runs:
+        assert r.returncode == 0 and "filelock" not in r.stderr, r.stderr[-2000:]
+    assert os.listdir(tmp_path / "xla")
+    assert "hits 0" in runs[0].stdout and "hits 0" not in runs[1].stdout, [r.stdout for r in runs]

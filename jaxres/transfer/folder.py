@@ -27,13 +27,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxres import parallel, predict, runs
+from jaxres import parallel, plots, predict, runs
 from jaxres.config_base import base_config
 from jaxres.config_transfer import DEFAULT_LAYER, base_transfer_config
 from jaxres.data import embedded, sources
 from jaxres.errors import CheckpointError, ConfigError, DataError
 from jaxres.metrics import log_line
-from jaxres.transfer import export, features, probe, report, runner
+from jaxres.transfer import export, features, probe, runner
 
 HEADS = ("logistic", "ridge", "mlp")
 GRID_IMAGES = 32
@@ -180,7 +180,7 @@ def write_report(output, results, labels, predictions, fitted, x_val, val_source
     with open(os.path.join(output, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     title = f"{results['method']} head: validation top-1 {100 * results['test_top1']:.1f}%"
-    report.confusion_image(labels, predictions, names, title).save(os.path.join(output, "confusion.png"))
+    plots.confusion(labels, predictions, names, title, os.path.join(output, "confusion.png"))
     scores = np.asarray(jax.nn.softmax(jax.device_get(fitted.predict_scores(x_val))[: len(labels)], axis=-1))
     decoded = np.flatnonzero(val_mask > 0)  # Rows of x_val -> records of the source.
     order = sorted(range(len(labels)), key=lambda i: (predictions[i] == labels[i], i))[:GRID_IMAGES]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from jaxres import plots
 from jaxres.metrics import log_line
 
 
@@ -72,9 +72,14 @@ def table(results: dict[str, Any]) -> str:
 
 
 def write_outputs(
-    workdir: str, results: dict[str, Any], rows: list[dict], best: tuple, names: list[str]
+    workdir: str, results: dict[str, Any], rows: list[dict], shown: tuple, names: list[str]
 ) -> None:
-    """results.json, results.csv (one row per trial and probe), confusion.png; prints the table."""
+    """results.json, results.csv (one row per trial and probe), confusion.png; prints the table.
+
+    Args:
+      shown: (row, labels, predictions) of the trial the confusion matrix shows (the
+        representative one: `runner.run_trials`).
+    """
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -82,32 +87,11 @@ def write_outputs(
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    row, labels, predictions = best
+    row, labels, predictions = shown
+    mean = np.mean([r["top1"] for r in rows if (r["method"], r["per_class"]) == (row["method"], row["per_class"])])
     title = (
-        f"{row['method']} N={row['per_class']} trial {row['trial']}: top-1 {100 * row['top1']:.1f}%"
+        f"{row['method']} probe, N={row['per_class'] or 'all'} per class, trial {row['trial']}: top-1 "
+        f"{100 * row['top1']:.1f}% (the trial closest to the mean over trials, {100 * mean:.1f}%)"
     )
-    confusion_image(labels, predictions, names, title).save(os.path.join(workdir, "confusion.png"))
+    plots.confusion(labels, predictions, names, title, os.path.join(workdir, "confusion.png"))
     log_line(table(results))
-
-
-def confusion_image(labels: np.ndarray, predictions: np.ndarray, names: Sequence[str], title: str):
-    """A row-normalised confusion matrix as a PIL image (rows: true class, columns: predicted)."""
-    from PIL import Image, ImageDraw
-
-    c = len(names)
-    counts = np.zeros((c, c))
-    np.add.at(counts, (labels, predictions), 1)
-    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    cell = max(2, min(24, 720 // c))
-    label_w = 110 if c <= 40 else 0
-    top = 24
-    heat = (255 * (1 - rates)).astype(np.uint8)  # White = 0, black = every image.
-    heat = np.kron(heat, np.ones((cell, cell), np.uint8))
-    image = Image.new("RGB", (label_w + heat.shape[1] + 8, top + heat.shape[0] + 8), "white")
-    image.paste(Image.fromarray(heat, "L").convert("RGB"), (label_w, top))
-    draw = ImageDraw.Draw(image)
-    draw.text((4, 4), title + "  (rows: true, columns: predicted)", fill="black")
-    if label_w:
-        for i, name in enumerate(names):
-            draw.text((2, top + i * cell + max(0, cell - 11) // 2), str(name)[:16], fill="black")
-    return image
