@@ -68,19 +68,9 @@ def prepare_caltech101(
         "101_ObjectCategories",
         CALTECH101_DROPPED,
     )
-    names = sorted(classes)
+    notes = f"{len(classes)} classes; dropped {', '.join(CALTECH101_DROPPED)} (standard protocol)."
     out = Path(data_dir or manual_dir) / "caltech101"
-    notes = f"{len(names)} classes; dropped {', '.join(CALTECH101_DROPPED)} (standard protocol)."
-    records.write_record_dataset(
-        out,
-        {"all": _records(classes, names)},
-        names,
-        source=str(found),
-        notes=notes,
-        ignored=ignored,
-        **options,
-    )
-    return out
+    return _write_one_split(out, classes, found, notes, ignored, options)
 
 
 def prepare_caltech256(
@@ -96,19 +86,20 @@ def prepare_caltech256(
     classes, ignored = archives.class_files(
         archives.input_files(found), "256_ObjectCategories", dropped
     )
-    names = sorted(classes)
-    out = Path(data_dir or manual_dir) / "caltech256"
-    notes = f"{len(names)} classes; " + (
+    notes = f"{len(classes)} classes; " + (
         "kept 257.clutter." if keep_clutter else "dropped 257.clutter (standard protocol)."
     )
+    out = Path(data_dir or manual_dir) / "caltech256"
+    return _write_one_split(out, classes, found, notes, ignored, options)
+
+
+def _write_one_split(
+    out: Path, classes: dict[str, Any], found: Path, notes: str, ignored: Any, options: dict[str, Any]
+) -> Path:
+    """Writes every image of `classes` as the one split "all" (the Caltech protocols sample from it)."""
+    names = sorted(classes)
     records.write_record_dataset(
-        out,
-        {"all": _records(classes, names)},
-        names,
-        source=str(found),
-        notes=notes,
-        ignored=ignored,
-        **options,
+        out, {"all": _records(classes, names)}, names, source=str(found), notes=notes, ignored=ignored, **options
     )
     return out
 
