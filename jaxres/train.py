@@ -439,6 +439,7 @@ def train_and_evaluate(
         batches = parallel.prefetch_to_device(
             loader.train_micro_batches(config, train_source, start * config.grad_accum_steps), mesh, batch_axis=1
         )
+
         def evaluate(s: TrainState) -> dict[str, float]:
             return validate(eval_variables(s, config), eval_fn, val_source, config, mesh)
 
