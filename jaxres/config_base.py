@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     # "pre_logits" or a pooled "stem" / "stageN" (later stages not built); 0 = a linear head.
     c.model.head_layer = "pre_logits"
     c.model.head_hidden = 0
+    # Stochastic depth: residual branches dropped per example, rate rising linearly over the
+    # blocks to this value (timm `drop_path_rate`); training only.
+    c.model.drop_path_rate = 0.0
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "imagenet2012"  # tfds name, "imagefolder" or "digits" (embedded).
@@ -48,7 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.crop_min_area = 0.08  # Inception random-resized-crop area range [min, 1].
     c.dataset.flip = True
     c.dataset.eval_crop_ratio = 0.875  # Resize to size / ratio, then centre-crop.
+    c.dataset.eval_image_size = 0  # Evaluation size; 0 = image_size (RSB A3: train 160, test 224).
     c.dataset.color_jitter = 0.0  # Brightness/contrast/saturation factors in [1-s, 1+s], random order; 0 = off.
+    # timm RandAugment string, e.g. "rand-m7-mstd0.5-inc1" (jaxres/data/randaugment.py); "" = off.
+    c.dataset.randaugment = ""
+    # Repeated augmentation (timm RepeatAugSampler): each image this many times in a row of the
+    # stream, differently augmented; an epoch stays len(train) images. 1 = off.
+    c.dataset.repeated_aug = 1
     c.dataset.decode_reduced = True  # Decode JPEGs at 1/2, 1/4, 1/8 size when the crop still covers the output.
     # keep | skip: a truncated JPEG decoded as far as its data goes, or masked like an undecodable one.
     c.dataset.truncated = "keep"
@@ -61,13 +70,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.train_limit = 0  # Use only the first N train / val examples (0 = all): smoke runs.
     c.dataset.val_limit = 0
 
+    # Batch augmentation on the device, inside the jitted step (jaxres/device_augment.py), as timm
+    # `Mixup` (mode "batch": one lambda per device shard) and `RandomErasing` (mode "pixel").
+    c.augment = ml_collections.ConfigDict()
+    c.augment.mixup_alpha = 0.0  # Beta(alpha, alpha) mixing of each image with the flipped batch; 0 = off.
+    c.augment.cutmix_alpha = 0.0  # CutMix box area from Beta(alpha, alpha); 0 = off.
+    c.augment.mix_prob = 1.0  # Probability that a batch is mixed at all.
+    c.augment.switch_prob = 0.5  # With both on: probability of CutMix instead of Mixup.
+    c.augment.random_erasing = 0.0  # Probability of erasing one random box with noise per image.
+
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "sgd"  # sgd (Nesterov) | lars | adamw
+    c.optimizer.name = "sgd"  # sgd (Nesterov) | lars | adamw | lamb
     c.optimizer.base_lr = 0.1  # Per 256 images; scaled by batch_size / 256.
     c.optimizer.momentum = 0.9
     c.optimizer.nesterov = True
     c.optimizer.weight_decay = 5e-5  # On kernels only, not on norms or biases.
     c.optimizer.label_smoothing = 0.1
+    # "softmax" cross-entropy, or "bce": per-class sigmoid binary cross-entropy (RSB A1-A3) whose
+    # (mixed, smoothed) targets become 1 above `bce_threshold` and 0 below (0 = off).
+    c.optimizer.loss = "softmax"
+    c.optimizer.bce_threshold = 0.0
     c.optimizer.schedule = "cosine"  # cosine | step | constant, after linear warmup.
     c.optimizer.warmup_epochs = 5.0
     c.optimizer.decay_epochs = (30, 60, 80)  # For schedule="step".

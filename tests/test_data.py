@@ -234,6 +234,26 @@ def test_process_slices_concatenate_to_the_global_batch(record_source):
             np.testing.assert_array_equal(np.concatenate([p0[key], p1[key]]), full[b][key])
 
 
+def test_repeated_augmentation_repeats_each_image_k_times(record_source):
+    """RepeatAugSampler semantics: K copies in a row, each augmented differently; one pass over the
+    shuffled records spans K epochs with every image exactly K times; processes get disjoint rows."""
+    k = 3  # 20 records -> one pass = 60 positions (7.5 global batches of 8).
+    full = take(train(record_source, repeated_aug=k), 8)
+    labels = np.concatenate([b["label"] for b in full])[:60]
+    images = np.concatenate([b["image"] for b in full])[:60]
+    assert np.bincount(labels, minlength=N_EXAMPLES).tolist() == [k] * N_EXAMPLES
+    assert (labels.reshape(-1, k) == labels[::k, None]).all()  # K copies in a row.
+    for copies in images.reshape(-1, k, *images.shape[1:])[:5]:  # Each copy its own augmentation.
+        assert not np.array_equal(copies[0], copies[1]) and not np.array_equal(copies[1], copies[2])
+    assert len(set(labels[:20].tolist())) < N_EXAMPLES  # An epoch (20 positions) holds ~20 / K images.
+    # Two processes: disjoint halves of every global batch, together the whole stream.
+    parts = [take(train(record_source, repeated_aug=k, process_index=p, process_count=2), 3) for p in range(2)]
+    for b, (p0, p1) in enumerate(zip(*parts)):
+        np.testing.assert_array_equal(np.concatenate([p0["image"], p1["image"]]), full[b]["image"])
+    # Resumable like the plain stream.
+    assert_same_batches(take(train(record_source, repeated_aug=k, start=4), 2), full[4:6])
+
+
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_covers_every_example_once(record_source, process_count):
     batch_size = 8  # 20 examples -> 3 global batches, 4 padded rows.

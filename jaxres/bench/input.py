@@ -8,7 +8,9 @@ colour fields plus noise, about 500x375, JPEG q90, one in four portrait):
 
 * per core: a child process pinned to one CPU (`sched_setaffinity`) runs each
   transform over the records' bytes held in RAM: ours (`TrainTransform` /
-  `EvalTransform`), the same on a copy pre-resized to shorter side 256, plain
+  `EvalTransform`), ours with timm RandAugment `BENCH_RANDAUGMENT` (timed
+  right after the plain train row, so the two share the conditions), the
+  same on a copy pre-resized to shorter side 256, plain
   PIL (full decode, crop + antialiased resize, numpy flip), and tf.data
   (`decode_and_crop_jpeg` + `sample_distorted_bounding_box`, flax's ImageNet
   input pipeline, with the same fast integer IDCT as ours) with one map
@@ -46,6 +48,7 @@ PRE_RESIZED_SHORTER = 256
 TF_DCT_METHOD = "INTEGER_FAST"
 GRAIN_SKIPPED_BATCHES = 16  # More than grain buffers ahead while its workers start.
 GRAIN_TIMED_BATCHES = 24
+BENCH_RANDAUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's timm setting (RSB A1/A2: m7).
 
 
 def make_jpegs(
@@ -203,12 +206,16 @@ def _per_core(
     )
     rng = np.random.default_rng(0)
     train, evaluate = transforms.TrainTransform(image_size), transforms.EvalTransform(image_size)
+    augmented = transforms.TrainTransform(image_size, randaugment=BENCH_RANDAUGMENT)
     rates = {
         "decode only: PIL": _best_rate(lambda r: transforms.decode(r["image"]), records, repeats),
         "decode only: simplejpeg": _best_rate(
             lambda r: simplejpeg.decode_jpeg(r["image"], fastdct=True), records, repeats
         ),
         "train: ours": _best_rate(lambda r: train(r, rng), records, repeats),
+        f"train: ours + RandAugment {BENCH_RANDAUGMENT}": _best_rate(
+            lambda r: augmented(r, rng), records, repeats
+        ),
         "train: ours, pre-resized 256 copy": _best_rate(lambda r: train(r, rng), resized, repeats),
         "train: plain PIL": _best_rate(_pil_train(image_size), records, repeats),
         "eval: ours": _best_rate(evaluate, records, repeats),

@@ -35,6 +35,10 @@ VIEWS = {"center": 1, "flip": 2, "10crop": 10}  # View name -> views per image.
 def train_transform(dataset: ml_collections.ConfigDict) -> Callable[[dict, np.random.Generator], dict]:
     """The training augmentation of `config.dataset` (for the configured decoder)."""
     if dataset.decoder == "dali":
+        if dataset.randaugment:  # DALI decodes on the device after the workers; no PIL ops there.
+            raise ConfigError(
+                "config.dataset.randaugment runs on the CPU decoder only; set --config.dataset.decoder=cpu."
+            )
         return dali.TrainCrops(dataset.crop_min_area, dataset.flip, dataset.truncated)
     return transforms.TrainTransform(
         dataset.image_size,
@@ -43,6 +47,7 @@ def train_transform(dataset: ml_collections.ConfigDict) -> Callable[[dict, np.ra
         dataset.color_jitter,
         decode_reduced=dataset.decode_reduced,
         truncated=dataset.truncated,
+        randaugment=dataset.randaugment,
     )
 
 
@@ -116,6 +121,7 @@ def train_host_batches(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         batch_fn=dali.collate if d.decoder == "dali" else None,
+        repeated_aug=d.repeated_aug,
     )
     return _decoded(batches, d.decoder, d.image_size, global_batch_size)
 

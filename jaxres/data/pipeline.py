@@ -12,6 +12,14 @@ rows `[p * B/P, (p + 1) * B/P)` of it. So:
 * the iterator position is one integer, the next batch index, stored in the
   checkpoint; resuming starts the stream there (`dataset[position:]`).
 
+Repeated augmentation (`dataset.repeated_aug = K`, Hoffer et al. 2020, timm's
+`RepeatAugSampler`): the shuffled stream holds each record K times in a row,
+each copy augmented with its own stream index's RNG, so the copies usually sit
+in the same global batch (BatchNorm and the loss see them together, on any
+number of processes; the processes' rows stay disjoint positions of one
+stream). As timm, an epoch stays `len(source)` stream positions: one pass over
+the shuffled records spans K epochs, and each record appears exactly K times in it.
+
 Evaluation pads the split to a whole number of global batches with masked
 examples, so every example is counted exactly once on any number of hosts.
 
@@ -33,6 +41,7 @@ within a bound instead of hanging, and no shared memory outlives the program
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -68,6 +77,25 @@ def _iterate(ds: grain.MapDataset, num_workers: int, name: str) -> workers.Batch
     return workers.Batches(iter(it), num_workers, name)
 
 
+class RepeatEach(grain.MapDataset):
+    """Each element of `parent` `times` times in a row: element `i` is `parent[i // times]`."""
+
+    def __init__(self, parent: grain.MapDataset, times: int):
+        super().__init__(parent)
+        self._times = times
+
+    def __len__(self) -> int:
+        return min(len(self._parent) * self._times, sys.maxsize)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[index // self._times]
+
+    def __str__(self) -> str:
+        return f"RepeatEach(times={self._times})"
+
+
 def train_dataset(
     source: Any,
     transform: Callable[[dict, np.random.Generator], dict],
@@ -77,9 +105,15 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     batch_fn: BatchFn | None = None,
+    repeated_aug: int = 1,
 ) -> grain.MapDataset:
-    """An endless, random-access dataset of this process's training batches."""
+    """An endless, random-access dataset of this process's training batches.
+
+    `repeated_aug` > 1: each record that many times in a row of the stream (see above).
+    """
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    if repeated_aug > 1:
+        ds = RepeatEach(ds, repeated_aug)
     ds = ds.random_map(transform, seed=seed + 1)
     return _process_rows(ds, global_batch_size, process_index, process_count, batch_fn)
 
@@ -95,6 +129,7 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     batch_fn: BatchFn | None = None,
+    repeated_aug: int = 1,
 ) -> workers.Batches:
     """This process's training batches from batch index `start` on (endless; close it when done)."""
     ds = train_dataset(
@@ -105,6 +140,7 @@ def train_batches(
         process_index=process_index,
         process_count=process_count,
         batch_fn=batch_fn,
+        repeated_aug=repeated_aug,
     )
     return _iterate(ds[start:], num_workers, "training")
 

@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from jaxres.data import jpeg_crop
+from jaxres.data.randaugment import RandAugment
 from jaxres.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,12 @@ def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -
 
 
 class TrainTransform:
-    """Random-resized-crop + optional flip and colour jitter; a grain `random_map` callable."""
+    """Random-resized-crop + optional flip, colour jitter and RandAugment; a grain `random_map` callable.
+
+    `randaugment`: a timm RandAugment string (`jaxres.data.randaugment`), "" = off;
+    parsed here, so a bad string fails when the transform is built. It runs last,
+    as in timm (crop, flip, then auto-augment), with the example's rng.
+    """
 
     def __init__(
         self,
@@ -355,6 +361,7 @@ class TrainTransform:
         color_jitter: float = 0.0,
         decode_reduced: bool = True,
         truncated: str = "keep",
+        randaugment: str = "",
     ):
         self.image_size = image_size
         self.area_range = (min_area, 1.0)
@@ -362,6 +369,7 @@ class TrainTransform:
         self.color_jitter = color_jitter
         self.decode_reduced = decode_reduced
         self.truncated = check_truncated(truncated)
+        self.randaugment = RandAugment(randaugment) if randaugment else None
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         size = (self.image_size, self.image_size)
@@ -382,6 +390,8 @@ class TrainTransform:
             image = flip_left_right(image)
         if self.color_jitter:
             image = color_jitter(image, self.color_jitter, rng)
+        if self.randaugment is not None:
+            image = self.randaugment(image, rng)
         return {"image": image, "label": np.int32(record["label"]), "mask": np.float32(1)}
 
 
