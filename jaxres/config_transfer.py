@@ -33,7 +33,7 @@ def base_transfer_config() -> ml_collections.ConfigDict:
     c.features.layer = DEFAULT_LAYER
     c.features.pool = True  # Global-average-pool spatial layers.
     c.features.views = "center"  # center | flip | 10crop (averaged).
-    c.features.image_size = 0  # 0: the checkpoint's image_size.
+    c.features.image_size = 0  # 0: the checkpoint's evaluation size (dataset.eval_image_size or image_size).
     c.features.crop_ratio = 0.0  # 0: the checkpoint's eval_crop_ratio.
     c.features.cache_dir = ""  # "": WORKDIR/features.
 

@@ -64,13 +64,16 @@ class Ensemble:
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         first = self.members[0].config
         for m in self.members[1:]:
-            for key in ("num_classes", "image_size"):
-                if m.config.dataset[key] != first.dataset[key]:
+            for key, value in (
+                ("num_classes", lambda d: d.num_classes),
+                ("eval_image_size", runs.eval_image_size),
+            ):
+                if value(m.config.dataset) != value(first.dataset):
                     raise ConfigError(
                         f"Ensemble members disagree on dataset.{key}: {self.members[0].run} has "
-                        f"{first.dataset[key]}, {m.run} has {m.config.dataset[key]}; ensemble runs of one task."
+                        f"{value(first.dataset)}, {m.run} has {value(m.config.dataset)}; ensemble runs of one task."
                     )
-        self.image_size = first.dataset.image_size
+        self.image_size = runs.eval_image_size(first.dataset)
         self.crop_ratio = first.dataset.eval_crop_ratio
         self.truncated = first.dataset.truncated
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)

@@ -122,13 +122,20 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The `ResNet` fields the config sets beyond the registered model: `model.overrides` and the
-    head keys (`model.head_layer`, `model.head_hidden`)."""
+    """The `ResNet` fields the config sets beyond the registered model: `model.overrides`, the
+    head keys (`model.head_layer`, `model.head_hidden`) and `model.drop_path_rate` (training
+    only: it changes no weight, so checkpoints and exports do not depend on it)."""
     return dict(
         config.model.overrides.to_dict(),
         head_layer=config.model.head_layer,
         head_hidden=config.model.head_hidden,
+        drop_path_rate=config.model.drop_path_rate,
     )
+
+
+def eval_image_size(dataset: ml_collections.ConfigDict) -> int:
+    """The side evaluation crops to: `dataset.eval_image_size`, or the training `image_size` when 0."""
+    return dataset.eval_image_size or dataset.image_size
 
 
 def normalize(images: jax.Array, mean: tuple, std: tuple) -> jax.Array:

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import interrupts, optim, parallel, plots, profiling, runs
+from jaxres import device_augment, interrupts, losses, optim, parallel, plots, profiling, runs
 from jaxres import metrics as metrics_lib
 from jaxres.data import dali, loader, sources
 from jaxres.errors import CheckpointError, ConfigError, NonFiniteLossError, unknown_name
@@ -45,12 +45,6 @@ class TrainState:
     ema_params: Any  # {} when EMA is off.
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-    """Per-example softmax cross-entropy with label smoothing."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else jax.nn.one_hot(labels, num_classes)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -58,30 +52,45 @@ def train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     config: ml_collections.FrozenConfigDict,
+    num_shards: int = 1,
 ) -> tuple[TrainState, metrics_lib.TrainMetrics]:
     """One optimizer step over `grad_accum_steps` micro-batches (`batch` is [A, B, ...]).
 
     The loss is the mask-weighted mean over all A * B examples; gradients of
     the micro-batches are summed, so A micro-batches of B equal one batch of
-    A * B (BatchNorm statistics aside, which are per micro-batch).
+    A * B (BatchNorm statistics aside, which are per micro-batch). The step's
+    randomness (erasing, Mixup / CutMix, drop-path) comes from (seed, step,
+    micro-batch): a resumed run draws the same. `num_shards` is the number of
+    devices the batch is split over (Mixup / CutMix pair rows within one).
     """
     total_weight = jnp.maximum(batch["mask"].sum(), 1.0)
-    num_classes, smoothing = config.dataset.num_classes, config.optimizer.label_smoothing
+    num_classes, opt = config.dataset.num_classes, config.optimizer
+    step_rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    augment = device_augment.from_config(config.augment)
 
-    def loss_fn(params, batch_stats, micro):
+    def loss_fn(params, batch_stats, micro, rng):
+        augment_rng, dropout_rng = jax.random.split(rng)
         images = runs.normalize(micro["image"], config.dataset.mean, config.dataset.std)
+        targets = losses.dense_targets(micro["label"], num_classes, opt.label_smoothing)
+        # Erasing, then Mixup / CutMix within each device's shard (timm's order).
+        images, targets, weight = augment(augment_rng, images, targets, micro["mask"], num_shards=num_shards)
         (logits, _), new_vars = model.apply(
-            {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+            {"params": params, "batch_stats": batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
         )
-        per_example = cross_entropy(logits, micro["label"], num_classes, smoothing)
-        loss = (per_example * micro["mask"]).sum() / total_weight
+        per_example = losses.per_example_loss(logits, targets, opt.loss, opt.bce_threshold)
+        loss = (per_example * weight).sum() / total_weight
         correct = ((logits.argmax(-1) == micro["label"]) * micro["mask"]).sum()
         return loss, (new_vars.get("batch_stats", {}), correct)
 
-    def micro_step(carry, micro):
+    def micro_step(carry, indexed_micro):
+        index, micro = indexed_micro
         grads, batch_stats, loss, correct = carry
         (m_loss, (batch_stats, m_correct)), m_grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch_stats, micro
+            state.params, batch_stats, micro, jax.random.fold_in(step_rng, index)
         )
         grads = jax.tree.map(jnp.add, grads, m_grads)
         return (grads, batch_stats, loss + m_loss, correct + m_correct), None
@@ -89,9 +98,11 @@ def train_step(
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     init = (zeros, state.batch_stats, jnp.float32(0), jnp.float32(0))
     if config.grad_accum_steps == 1:  # XLA:CPU runs convolutions in a loop body far slower.
-        (grads, batch_stats, loss, correct), _ = micro_step(init, jax.tree.map(lambda x: x[0], batch))
+        first = (jnp.int32(0), jax.tree.map(lambda x: x[0], batch))
+        (grads, batch_stats, loss, correct), _ = micro_step(init, first)
     else:
-        (grads, batch_stats, loss, correct), _ = jax.lax.scan(micro_step, init, batch)
+        indices = jnp.arange(config.grad_accum_steps, dtype=jnp.int32)
+        (grads, batch_stats, loss, correct), _ = jax.lax.scan(micro_step, init, (indices, batch))
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -137,9 +148,8 @@ def validate(
 ) -> dict[str, float]:
     """val_top1 / val_top5 / val_loss / val_count over the whole split (padded + masked)."""
     d = config.dataset
-    transform = loader.view_transform(
-        d.image_size, d.eval_crop_ratio, "center", d.decoder, d.decode_reduced, d.truncated
-    )
+    size = runs.eval_image_size(d)
+    transform = loader.view_transform(size, d.eval_crop_ratio, "center", d.decoder, d.decode_reduced, d.truncated)
     _, batches = loader.device_eval_batches(
         source,
         transform,
@@ -147,7 +157,7 @@ def validate(
         mesh,
         num_workers=d.num_workers,
         decoder=d.decoder,
-        image_size=d.image_size,
+        image_size=size,
     )
     summary = metrics_lib.summarize_sums(metrics_lib.sum_over_batches(eval_fn, variables, batches))
     return {f"val_{k}": v for k, v in summary.items()}
@@ -327,6 +337,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
             "head of a fresh model; set --config.init_from=RUN (fine-tuning) or "
             "--config.optimizer.head_only_steps=0."
         )
+    if config.dataset.repeated_aug < 1:
+        raise ConfigError(
+            f"config.dataset.repeated_aug={config.dataset.repeated_aug}: each image is read that many "
+            "times in a row; use 1 (off) or more (RSB A1 / A2: 3)."
+        )
     if config.dataset.decoder not in dali.DECODERS:
         raise ConfigError(unknown_name("config.dataset.decoder", config.dataset.decoder, dali.DECODERS))
     if config.dataset.decoder == "dali":
@@ -337,6 +352,8 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
                 "--config.dataset.decoder=cpu or --config.dataset.color_jitter=0."
             )
     profiling.parse_profile_steps(config.profile_steps)
+    device_augment.from_config(config.augment)  # Out-of-range values fail here, named.
+    losses.check_loss(config.optimizer.loss, config.optimizer.bce_threshold)
     runs.build_model(config)  # Unknown model names / fields fail here, before data loading.
     if config.init_from:
         _check_init_from_head(config)
@@ -361,7 +378,7 @@ def make_step_fns(
     frozen = ml_collections.FrozenConfigDict(config)
     replicated = parallel.replicated(mesh)
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, config=frozen),
+        functools.partial(train_step, model=model, tx=tx, config=frozen, num_shards=mesh.devices.size),
         in_shardings=(replicated, parallel.batch_sharding(mesh, batch_axis=1)),
         out_shardings=replicated,
         donate_argnums=0,

@@ -34,7 +34,8 @@ def _setup(config, devices):
     schedule = optim.make_schedule(config.optimizer, config.batch_size, 8, 16)
     tx = optim.make_optimizer(config.optimizer, schedule)
     state = jax.jit(
-        lambda rng: train.init_state(model, tx, config, rng), out_shardings=parallel.replicated(mesh)
+        lambda rng: train.init_state(model, tx, config, rng),
+        out_shardings=parallel.replicated(mesh),
     )(jax.random.key(0))
     step_fn, eval_fn = train.make_step_fns(config, model, tx, mesh)
     return mesh, state, step_fn, eval_fn
@@ -101,7 +102,9 @@ def test_eval_counts_every_example(data_dir):
     model = runs.build_model(config)
     transform = transforms.EvalTransform(config.dataset.image_size, config.dataset.eval_crop_ratio)
     examples = [transform(val_source[i]) for i in range(37)]
-    images = runs.normalize(jnp.stack([e["image"] for e in examples]), config.dataset.mean, config.dataset.std)
+    images = runs.normalize(
+        jnp.stack([e["image"] for e in examples]), config.dataset.mean, config.dataset.std
+    )
     logits, _ = model.apply(parallel.fetch(variables), images, train=False)
     labels = np.array([e["label"] for e in examples])
     assert result["val_top1"] == pytest.approx(float((np.argmax(logits, -1) == labels).mean()))
@@ -124,7 +127,8 @@ def test_train_resume_and_checkpoint_policy(data_dir, tmp_path):
     resumed = train.train_and_evaluate(config, workdir)
     assert int(resumed.step) == 16
     np.testing.assert_array_equal(
-        parallel.fetch(resumed.params)["head"]["kernel"], parallel.fetch(state.params)["head"]["kernel"]
+        parallel.fetch(resumed.params)["head"]["kernel"],
+        parallel.fetch(state.params)["head"]["kernel"],
     )
 
     # init_from: a 5-class model takes every weight but the head from this run.
@@ -136,7 +140,9 @@ def test_train_resume_and_checkpoint_policy(data_dir, tmp_path):
     fine = train.restore_or_init(five, target, model, tx, mesh)
     target.close()
     source = parallel.fetch(state.params)
-    np.testing.assert_array_equal(parallel.fetch(fine.params)["stem_conv"]["kernel"], source["stem_conv"]["kernel"])
+    np.testing.assert_array_equal(
+        parallel.fetch(fine.params)["stem_conv"]["kernel"], source["stem_conv"]["kernel"]
+    )
     assert fine.params["head"]["kernel"].shape[-1] == 5
 
     # A workdir holding another model's checkpoint is refused with the fix.
@@ -164,8 +170,16 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
         ({"model.name": "resnet5"}, ConfigError, "Did you mean 'resnet50'"),
         ({"batch_size": 30}, ConfigError, "not divisible by the 8 devices"),
         ({"dataset.num_classes": 7}, ConfigError, "num_classes=10"),
-        ({"dataset.name": "imagefolder", "dataset.data_dir": "/nonexistent"}, DataError, "does not exist"),
-        ({"dataset.name": "imagenet2012", "dataset.data_dir": "/nonexistent"}, DataError, "prepare_data.py"),
+        (
+            {"dataset.name": "imagefolder", "dataset.data_dir": "/nonexistent"},
+            DataError,
+            "does not exist",
+        ),
+        (
+            {"dataset.name": "imagenet2012", "dataset.data_dir": "/nonexistent"},
+            DataError,
+            "prepare_data.py",
+        ),
     ],
 )
 def test_user_errors(data_dir, tmp_path, overrides, error, message):
@@ -189,7 +203,10 @@ def test_ema_tracks_params_and_is_evaluated(data_dir):
 def test_head_only_warmup_freezes_the_body_then_starts_it_fresh():
     import optax
 
-    params = {"head": {"kernel": jnp.ones((3, 2))}, "stage1_block1": {"conv1": {"kernel": jnp.ones((3, 3))}}}
+    params = {
+        "head": {"kernel": jnp.ones((3, 2))},
+        "stage1_block1": {"conv1": {"kernel": jnp.ones((3, 3))}},
+    }
     grads = jax.tree.map(jnp.ones_like, params)
     tx = optim.head_only_warmup(optax.sgd(0.1, momentum=0.9), optax.sgd(0.1, momentum=0.9), steps=2)
     state = tx.init(params)
@@ -208,5 +225,79 @@ def test_head_only_warmup_freezes_the_body_then_starts_it_fresh():
 
 def test_head_only_needs_init_from(data_dir):
     config = smoke_config(data_dir, **{"optimizer.head_only_steps": 5})
-    with pytest.raises(ConfigError, match="head_only_steps=5 trains only the head of a fresh model"):
+    with pytest.raises(
+        ConfigError, match="head_only_steps=5 trains only the head of a fresh model"
+    ):
         train.check_config(config, parallel.make_mesh())
+
+
+# Every "ResNet strikes back" option at once (configs/imagenet_rsb.py), on the smoke run.
+RSB_OPTIONS = {
+    "dataset.randaugment": "rand-m9-mstd0.5-inc1",
+    "dataset.repeated_aug": 2,
+    "dataset.eval_image_size": 40,
+    "augment.mixup_alpha": 0.2,
+    "augment.cutmix_alpha": 1.0,
+    "augment.random_erasing": 0.25,
+    "model.drop_path_rate": 0.1,
+    "optimizer.name": "lamb",
+    "optimizer.base_lr": 0.005,
+    "optimizer.weight_decay": 0.02,
+    "optimizer.grad_clip_norm": 1.0,
+    "optimizer.loss": "bce",
+    "optimizer.bce_threshold": 0.2,
+    "optimizer.label_smoothing": 0.1,
+}
+
+
+def test_device_augmentation_and_drop_path_draw_from_the_step(data_dir):
+    """The step's randomness is a function of (seed, step): the same step twice gives the same loss,
+    another step (same weights, same batch) another one; with the options off the step is deterministic."""
+    config = smoke_config(data_dir, **RSB_OPTIONS)
+    config.model.overrides.head_zero_init = False  # Logits that depend on the images.
+    mesh, state, step_fn, _ = _setup(config, jax.devices())
+    batch = parallel.to_global(_fixed_batches(1, 1, 32)[0], mesh, batch_axis=1)
+
+    def loss_at(step):
+        copy = jax.tree.map(jnp.copy, state).replace(step=jnp.int32(step))
+        return float(step_fn(copy, batch)[1].compute()["loss"])
+
+    assert loss_at(3) == loss_at(3) != loss_at(4)
+    # BCE over 10 classes with a near-zero head starts at ln 2 per class, not the softmax's ln 10.
+    assert loss_at(0) == pytest.approx(np.log(2), abs=0.05)
+
+
+def test_every_recipe_option_resumes_mid_epoch_bit_exact(data_dir, tmp_path):
+    """RandAugment, repeated augmentation, erasing, Mixup / CutMix, drop-path, BCE and LAMB, with
+    two micro-batches a step: a run branched at step 3 (mid-epoch) ends bit-identical."""
+    config = smoke_config(
+        data_dir,
+        num_steps=6,
+        checkpoint_every_steps=3,
+        keep_latest=4,
+        grad_accum_steps=2,
+        **RSB_OPTIONS,
+    )
+    first = str(tmp_path / "first")
+    full = train.train_and_evaluate(config, first)
+    branched = train.train_and_evaluate(
+        smoke_config(
+            data_dir,
+            resume_from=f"{first}:3",
+            **dict(
+                num_steps=6,
+                checkpoint_every_steps=3,
+                keep_latest=4,
+                grad_accum_steps=2,
+                **RSB_OPTIONS,
+            ),
+        ),
+        str(tmp_path / "branch"),
+    )
+    assert int(branched.step) == int(full.step) == 6
+    for a, b in zip(
+        jax.tree.leaves(parallel.fetch(full)), jax.tree.leaves(parallel.fetch(branched))
+    ):
+        np.testing.assert_array_equal(a, b)
+    rows = [json.loads(line) for line in open(f"{first}/metrics.jsonl")]
+    assert [r["val_count"] for r in rows if "val_count" in r] == [100]

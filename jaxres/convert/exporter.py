@@ -41,8 +41,9 @@ LIBRARIES = ("timm", "torchvision")
 FORMATS = LIBRARIES + ("jax_export",)
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 PLATFORMS = ("cpu", "cuda", "tpu")
-# ResNet fields that only change training (initialisation, BatchNorm momentum): any value exports.
-TRAINING_ONLY = ("zero_init_last", "head_zero_init", "norm_momentum")
+# ResNet fields that only change training (initialisation, BatchNorm momentum, stochastic
+# depth): any value exports.
+TRAINING_ONLY = ("zero_init_last", "head_zero_init", "norm_momentum", "drop_path_rate")
 # A serialized jax.export (a flatbuffer) holds at most 2 GiB; keep room for the program.
 MAX_CONSTANT_BYTES = 2**31 - 2**27
 

@@ -12,6 +12,9 @@ activation are arguments, not copies.
 * BiT (Kolesnikov et al. 2020): ResNetV2 with GroupNorm(32) and weight-standardised convs.
 * Squeeze-and-Excitation (Hu et al. 2018) on either family, after the branch's last
   conv/norm and before the residual add (timm `SEModule`).
+* Stochastic depth (Huang et al. 2016), as timm `drop_path`: in training each example
+  drops a block's residual branch with that block's rate, rising linearly from 0 at the
+  first block to `drop_path_rate` at the last; kept branches are scaled by 1 / keep.
 * Keras Applications layouts, as options of the same module (see `jaxres.convert`):
   ResNet v1 (`stride_in_1x1`, biases on every conv) and ResNetV2 (`stride_block="last"`,
   biases on the convs that write to the residual stream), BatchNorm epsilon 1.001e-5.
@@ -95,6 +98,22 @@ def _padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((pad, pad), (pad, pad))
 
 
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Zeroes whole examples of `x` with probability `rate`; scales the kept ones by 1 / keep.
+
+    timm `drop_path(scale_by_keep=True)`: one Bernoulli(1 - rate) draw per example (axis 0),
+    so the expectation over draws is `x`.
+
+    Args:
+      x: a batch [N, ...] (a residual branch).
+      rate: drop probability in [0, 1).
+      rng: the PRNG key of the draw.
+    """
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
 def standardize(kernel: jax.Array, eps: float = WEIGHT_STD_EPS) -> jax.Array:
     """Weight standardisation: zero mean, unit variance per output channel (HWIO)."""
     mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
@@ -169,6 +188,8 @@ class ResidualBlock(nn.Module):
       subsample_shortcut: a strided block of unchanged width takes every `strides`-th
         input pixel as its shortcut (Keras `MaxPooling2D(1, strides)`) instead of a
         projection.
+      drop_path: stochastic-depth rate of this block's residual branch (after SE, before
+        the add); applied only with `train=True`, drawing from the "dropout" rng stream.
       dtype: compute dtype.
     """
 
@@ -184,10 +205,13 @@ class ResidualBlock(nn.Module):
     conv_bias: str = "none"
     stride_in_1x1: bool = False
     subsample_shortcut: bool = False
+    drop_path: float = 0.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """The block's output; `train` only decides stochastic depth (the norm partial
+        already carries train / eval for the norms)."""
         out = self.width * EXPANSION[self.block]
         if self.block == "bottleneck" and self.stride_in_1x1:
             specs = [(1, self.strides, self.width), (3, 1, self.width), (1, 1, out)]
@@ -247,6 +271,8 @@ class ResidualBlock(nn.Module):
 
         if self.se_reduced:
             y = SqueezeExcite(self.se_reduced, act=self.act, dtype=self.dtype, name="se")(y)
+        if train and self.drop_path > 0:
+            y = drop_path(y, self.drop_path, self.make_rng("dropout"))
         y = y + shortcut
         return y if self.preact else self.act(y)
 
@@ -283,6 +309,9 @@ class ResNet(nn.Module):
         from that layer, `jaxres.transfer.export`).
       head_hidden: 0 for a linear head; else a hidden Dense of this width + ReLU before it
         (an exported MLP probe).
+      drop_path_rate: stochastic depth of the last block; block i of N (counted over all
+        stages) gets `drop_path_rate * i / (N - 1)` (timm). Training only: it changes no
+        parameter, and a train-mode apply with a rate > 0 needs `rngs={"dropout": key}`.
       act: activation function.
       dtype: compute dtype; parameters are float32 regardless.
     """
@@ -309,6 +338,7 @@ class ResNet(nn.Module):
     head_zero_init: bool = True
     head_layer: str = "pre_logits"
     head_hidden: int = 0
+    drop_path_rate: float = 0.0
     act: Callable[[jax.Array], jax.Array] = nn.relu
     dtype: Dtype = jnp.float32
 
@@ -332,6 +362,11 @@ class ResNet(nn.Module):
         layers = ("pre_logits", "stem") + tuple(f"stage{s}" for s in range(1, len(self.stage_sizes) + 1))
         if self.head_layer not in layers:
             raise ConfigError(unknown_name("ResNet head_layer", self.head_layer, layers))
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(
+                f"ResNet drop_path_rate (config.model.drop_path_rate) must be in [0, 1), got "
+                f"{self.drop_path_rate}; e.g. 0.05 (RSB A1 / A2)."
+            )
         super().__post_init__()
 
     @nn.compact
@@ -341,7 +376,8 @@ class ResNet(nn.Module):
         Args:
           x: float images [N, H, W, C], already normalised.
           train: use batch statistics and update `batch_stats` (apply with
-            `mutable=["batch_stats"]` for BatchNorm models).
+            `mutable=["batch_stats"]` for BatchNorm models), and drop residual branches
+            when `drop_path_rate` > 0 (apply with `rngs={"dropout": key}`).
 
         Returns:
           `(logits, features)`: float32 logits [N, num_classes] ([N, C] when
@@ -380,18 +416,38 @@ class ResNet(nn.Module):
                 use_fast_variance=False,
             )
 
+        needs_rng = train and self.drop_path_rate > 0 and not self.is_initializing()
+        if needs_rng and not self.has_rng("dropout"):
+            # Flax would otherwise fall back to the "params" stream, or fail inside a block.
+            raise ValueError(
+                f"ResNet drop_path_rate={self.drop_path_rate} draws stochastic depth in training: "
+                'apply it with rngs={"dropout": key} (or train=False).'
+            )
         features = {}
         x = self._stem(x, conv, norm)
         features["stem"] = x
         if self.head_layer != "pre_logits":
-            return self._head(x if self.head_layer == "stem" else self._stages(x, conv, norm, features), features)
-        x = self._stages(x, conv, norm, features)
+            if self.head_layer != "stem":
+                x = self._stages(x, conv, norm, features, train)
+            return self._head(x, features)
+        x = self._stages(x, conv, norm, features, train)
         if self.final_norm:
             x = self.act(norm(name="final_norm")(x))
         return self._head(x, features)
 
-    def _stages(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef, features: dict) -> jax.Array:
+    def block_drop_rates(self) -> list[list[float]]:
+        """Each block's stochastic-depth rate, per stage: a linear ramp from 0 at the first
+        block to `drop_path_rate` at the last, over all stages (timm resnet / resnetv2)."""
+        total = sum(self.stage_sizes)
+        rates = [self.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        starts = [sum(self.stage_sizes[:s]) for s in range(len(self.stage_sizes))]
+        return [rates[a : a + n] for a, n in zip(starts, self.stage_sizes, strict=True)]
+
+    def _stages(
+        self, x: jax.Array, conv: ModuleDef, norm: ModuleDef, features: dict, train: bool
+    ) -> jax.Array:
         """The residual stages (up to `head_layer` when that is a stage); records each output."""
+        drop_rates = self.block_drop_rates()
         for s, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True), start=1):
             width = width * self.width_factor
             out = width * EXPANSION[self.block]
@@ -416,9 +472,10 @@ class ResNet(nn.Module):
                     conv_bias=self.conv_bias,
                     stride_in_1x1=self.stride_in_1x1,
                     subsample_shortcut=self.stride_block == "last",
+                    drop_path=drop_rates[s - 1][b - 1],
                     dtype=self.dtype,
                     name=f"stage{s}_block{b}",
-                )(x)
+                )(x, train)
             features[f"stage{s}"] = x
             if self.head_layer == f"stage{s}":
                 break

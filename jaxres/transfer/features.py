@@ -39,7 +39,7 @@ CACHE_FORMAT = 1
 
 def layer_names(loaded: runs.LoadedRun) -> list[str]:
     """The layer names `loaded`'s model returns features for."""
-    size = loaded.config.dataset.image_size
+    size = runs.eval_image_size(loaded.config.dataset)
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     _, features = jax.eval_shape(
         functools.partial(loaded.model.apply, train=False), loaded.variables, x
@@ -81,7 +81,7 @@ class FeatureExtractor:
         if layer not in valid:
             raise ConfigError(unknown_name("feature layer", layer, valid))
         self.member, self.layer, self.pool, self.views = member, layer, pool, views
-        self.image_size = image_size or member.config.dataset.image_size
+        self.image_size = image_size or runs.eval_image_size(member.config.dataset)
         self.crop_ratio = crop_ratio or member.config.dataset.eval_crop_ratio
         self.transform = loader.view_transform(
             self.image_size, self.crop_ratio, views, truncated=member.config.dataset.truncated
