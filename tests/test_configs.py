@@ -41,6 +41,17 @@ def test_config_has_every_base_key(path):
     assert _flat_keys(config) == _flat_keys(config_base.base_config())
 
 
+def test_rsb_recipes():
+    module = _load(os.path.join(REPO, "configs", "imagenet_rsb.py"))
+    a1, a3 = module.get_config("a1"), module.get_config("a3,seresnet50")
+    assert (a1.num_epochs, a1.dataset.repeated_aug, a1.model.drop_path_rate, a1.optimizer.name) == (600, 3, 0.05, "lamb")
+    assert a1.optimizer.base_lr * a1.batch_size / 256 == pytest.approx(5e-3)  # The paper's LR at batch 2048.
+    assert (a3.model.name, a3.dataset.image_size, a3.dataset.eval_image_size) == ("seresnet50", 160, 224)
+    assert a3.dataset.randaugment == "rand-m6-mstd0.5-inc1" and a3.dataset.repeated_aug == 1
+    with pytest.raises(ValueError, match="one of a1, a2, a3"):
+        module.get_config("b1")
+
+
 def test_imagenet_depth_argument():
     module = _load(os.path.join(REPO, "configs", "imagenet_resnetv2.py"))
     assert module.get_config("101").model.name == "resnetv2_101"
@@ -68,7 +79,7 @@ def test_schedules_and_decay_mask():
     assert np.all(np.asarray(updates["norm"]["scale"]) == 0)
 
 
-@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_every_optimizer_updates(name):
     opt = config_base.base_config().optimizer
     opt.name = name

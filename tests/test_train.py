@@ -170,6 +170,10 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
         ({"model.name": "resnet5"}, ConfigError, "Did you mean 'resnet50'"),
         ({"batch_size": 30}, ConfigError, "not divisible by the 8 devices"),
         ({"dataset.num_classes": 7}, ConfigError, "num_classes=10"),
+        ({"dataset.repeated_aug": 0}, ConfigError, "repeated_aug=0"),
+        ({"dataset.randaugment": "rand-x9"}, ConfigError, "config.dataset.randaugment"),
+        ({"augment.mix_prob": 1.5}, ConfigError, "config.augment.mix_prob"),
+        ({"optimizer.loss": "hinge"}, ConfigError, "config.optimizer.loss"),
         (
             {"dataset.name": "imagefolder", "dataset.data_dir": "/nonexistent"},
             DataError,
