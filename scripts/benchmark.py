@@ -6,9 +6,14 @@
     python scripts/benchmark.py --what input          # grain transforms vs tf.data vs PIL
     python scripts/benchmark.py --what probe          # ridge / logistic probes vs scikit-learn
     python scripts/benchmark.py --what features --model resnet50 --batch_size 32
+    python scripts/benchmark.py --what ops --model resnet18 --image_size 112 --batch_size 32  # per conv op
 
 train / infer / e2e print their JSON row, append it to benchmarks/results.jsonl and
 re-render benchmarks/results.md (CPU rows say "cpu:" in their device column).
+ops prints where a CPU train step goes (every conv shape's forward / input-gradient /
+weight-gradient conv, BatchNorm, optimizer; JAX vs PyTorch, interleaved) and, with
+`--ops_parts train_ab`, appends the train step with XLA's conv and with
+`jaxres.models.cpu_conv.conv` (interleaved) to results.jsonl.
 input / probe / features print their tables as JSON or markdown (--output
 writes them); benchmarks/input.md and probe.md hold the recorded figures.
 Run on a quiet machine (check `uptime`).
@@ -21,7 +26,8 @@ from absl import app, flags
 
 from jaxres import cli
 
-flags.DEFINE_enum("what", "train", ["train", "infer", "e2e", "input", "probe", "features"], "What to time.")
+flags.DEFINE_enum("what", "train", ["train", "infer", "e2e", "input", "probe", "features", "ops"],
+                  "What to time.")
 flags.DEFINE_enum("framework", "jax", ["jax", "torch"], "train / infer: jaxres or the PyTorch reference.")
 flags.DEFINE_string("model", "resnetv2_50", "jaxres registry name, or torchvision/timm name for torch.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")
@@ -39,7 +45,10 @@ flags.DEFINE_integer("num_workers", 8, "e2e: grain worker processes.")
 flags.DEFINE_enum("decoder", "cpu", ["cpu", "dali"], "e2e: config.dataset.decoder (dali: extra [dali]).")
 flags.DEFINE_string("dataset", "", "e2e: a prepared dataset name (default: synthetic JPEG records).")
 flags.DEFINE_string("data_dir", "", "e2e: its data_dir.")
-flags.DEFINE_string("output", None, "input / probe / features: also write the JSON results here.")
+flags.DEFINE_list("ops_parts", ["profile", "train_ab"],
+                  "ops: 'profile' (per-op table) and / or 'train_ab' (whole step, XLA conv vs cpu_conv).")
+flags.DEFINE_bool("ops_whole_step", True, "ops profile: also time the whole jax and torch train steps.")
+flags.DEFINE_string("output", None, "input / probe / features / ops: also write the JSON results here.")
 
 
 def _throughput(f) -> None:
@@ -63,7 +72,31 @@ def _throughput(f) -> None:
             out.write("# Benchmark results (newest first)\n\n" + steps.render_markdown() + "\n")
 
 
+def _ops(f) -> dict:
+    from jaxres.bench import op_profile, steps
+
+    result = {}
+    if "profile" in f.ops_parts:
+        result = op_profile.run_op_profile(f.model, f.image_size, f.batch_size, reps=f.steps,
+                                           whole_step=f.ops_whole_step)
+        print(op_profile.format_markdown(result))
+    if "train_ab" in f.ops_parts:
+        rows = op_profile.train_step_ab(f.model, f.image_size, f.batch_size, f.steps, f.warmup)
+        for row in rows:
+            print(f"train step, conv={row['conv']}: {row['img_per_sec']:.2f} img/s "
+                  f"(median {row['step_ms_median']:.0f} ms, load {row.get('loadavg', '-')})")
+            if f.record:
+                steps.append_result(row)
+        if f.record:
+            with open(os.path.join(os.path.dirname(steps.RESULTS), "results.md"), "w") as out:
+                out.write("# Benchmark results (newest first)\n\n" + steps.render_markdown() + "\n")
+        result["train_ab"] = rows
+    return result
+
+
 def _other(f) -> dict:
+    if f.what == "ops":
+        return _ops(f)
     if f.what == "input":
         from jaxres.bench import input as bench_input
 

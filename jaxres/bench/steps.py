@@ -39,6 +39,48 @@ def device_name(framework: str = "jax") -> str:
     return device.device_kind
 
 
+_CPU_DETAILS: dict[str, Any] = {}
+
+
+def cpu_details() -> dict[str, Any]:
+    """What a CPU figure depends on: CPU model, AVX-512 yes/no, cores, measured sgemm GFLOP/s.
+
+    The sgemm rate (`profiling.host_sgemm_flops`, about a second) is measured once per
+    process; on a shared host it also tells how contended the cores were.
+    """
+    if not _CPU_DETAILS:
+        from jaxres import profiling
+
+        model, cpu_flags = platform.processor() or platform.machine(), set()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                    elif line.startswith("flags"):
+                        cpu_flags = set(line.split(":", 1)[1].split())
+                    if cpu_flags and line.startswith("model name"):
+                        break
+        except OSError:  # Not Linux: the model from `platform`, flags unknown.
+            pass
+        _CPU_DETAILS.update(
+            cpu_model=model,
+            avx512=any(flag.startswith("avx512") for flag in cpu_flags),
+            cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            sgemm_gflops=round(profiling.host_sgemm_flops() / 1e9, 1),
+        )
+    return dict(_CPU_DETAILS)
+
+
+def load_average() -> str:
+    """/proc/loadavg's 1, 5 and 15 minute figures, or "" where there is none."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return ""
+
+
 def peak_memory_gb() -> float:
     """Peak device memory; on CPU the process's peak RSS (host memory)."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -143,6 +185,8 @@ def result_row(what: str, framework: str, model: str, batch_size: int, dtype: st
         "date": datetime.date.today().isoformat(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # CPU rows: what the figure depends on (GPU rows name their device already).
+        **({**cpu_details(), "loadavg": load_average()} if jax.devices()[0].platform == "cpu" else {}),
         **extra,
     }
 
@@ -160,6 +204,11 @@ def _shown_command(row: dict[str, Any]) -> str:
     return f"XLA_FLAGS='{flags}' {row['command']}" if flags else row["command"]
 
 
+def _variant(row: dict[str, Any]) -> str:
+    """The " (conv=cpu_conv)" cell suffix of the interleaved conv A/B rows of `--what ops`, else ""."""
+    return f" (conv={row['conv']})" if "conv" in row else ""
+
+
 def render_markdown(path: str = RESULTS) -> str:
     """The results table, newest first, one row per JSON line."""
     with open(path) as f:
@@ -170,7 +219,7 @@ def render_markdown(path: str = RESULTS) -> str:
     ]
     for r in reversed(rows):
         lines.append(
-            f"| {r['date']} | {r['what']} | {r.get('framework', 'jax')} | {r['model']} | {r['device']} | "
+            f"| {r['date']} | {r['what']} | {r.get('framework', 'jax')}{_variant(r)} | {r['model']} | {r['device']} | "
             f"{r['batch_size']} | {r['dtype']} | {r['img_per_sec']:,.1f} | {r.get('compile_s', 0):.1f} | "
             f"{r.get('peak_mem_gb', 0):.2f} | `{_shown_command(r)}` |"
         )
