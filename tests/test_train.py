@@ -11,7 +11,7 @@ import pytest
 
 from configs import demo
 from jaxres import checkpoint as ckpt_lib
-from jaxres import optim, parallel, runs, train
+from jaxres import evaluate, optim, parallel, runs, train
 from jaxres.data import transforms
 from jaxres.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 
@@ -304,4 +304,7 @@ def test_every_recipe_option_resumes_mid_epoch_bit_exact(data_dir, tmp_path):
     ):
         np.testing.assert_array_equal(a, b)
     rows = [json.loads(line) for line in open(f"{first}/metrics.jsonl")]
-    assert [r["val_count"] for r in rows if "val_count" in r] == [100]
+    (val,) = [r for r in rows if "val_count" in r]
+    # evaluate.py crops at the run's eval_image_size (40) as training's evaluation did.
+    result = evaluate.evaluate_run(first, checkpoint="latest")
+    assert result["count"] == val["val_count"] == 100 and result["top1"] == pytest.approx(val["val_top1"])

@@ -207,7 +207,7 @@ def serving_export(
             "flatbuffer) holds as constants; export with --format timm instead."
         )
     (batch,) = jax.export.symbolic_shape("b")
-    image_size = loaded.config.dataset.image_size
+    image_size = runs.eval_image_size(loaded.config.dataset)  # What inference feeds.
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)
     # On one device: no sharding, so the artifact runs wherever it is loaded.
     return jax.export.export(jax.jit(lambda x: serve(variables, x)), platforms=tuple(platforms))(
@@ -236,7 +236,7 @@ def write_saved_model(loaded: runs.LoadedRun, directory: str, dtype: str = "floa
         ) from None
     directory = os.path.abspath(os.path.expanduser(directory))
     serve, variables = serving_function(loaded, dtype)
-    image_size = loaded.config.dataset.image_size
+    image_size = runs.eval_image_size(loaded.config.dataset)  # What inference feeds.
     module = tf.Module()
     module.weights = tf.nest.map_structure(tf.Variable, variables)
     converted = jax2tf.convert(serve, polymorphic_shapes=[None, "(b, ...)"], with_gradient=False)
@@ -267,7 +267,7 @@ def metadata(loaded: runs.LoadedRun, fmt: str, model: str) -> dict[str, Any]:
             "std": [s / 255 for s in std],
             "mean_uint8": mean,  # On uint8 x, as jaxres (and the jax_export artifact) do.
             "std_uint8": std,
-            "image_size": int(d.image_size),
+            "image_size": int(runs.eval_image_size(d)),
             "crop_ratio": float(d.eval_crop_ratio),  # timm's crop_pct: resize to size / ratio.
             "interpolation": "bilinear",
             "channel_order": "RGB",

@@ -66,6 +66,7 @@ def exported_config(
     config.dataset = copy.deepcopy(dataset)
     config.dataset.num_classes = num_classes
     config.dataset.image_size = int(extractor.image_size)
+    config.dataset.eval_image_size = 0  # The features' size is the export's one size.
     config.dataset.eval_crop_ratio = float(extractor.crop_ratio)
     config.dataset.mean, config.dataset.std = normalisation  # The backbone's, as the features saw.
     config.ema_decay = 0.0  # The weights below are the ones the features came from (EMA if kept).
