@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxres import config_base
 from jaxres.data import loader, pipeline, sources, transforms, workers
 from jaxres.data.prepare import recipes, records
 from jaxres.errors import ConfigError
@@ -242,18 +243,9 @@ def test_closing_loader_generators_closes_the_pipeline(monkeypatch):
 
 
 def _dataset_config(**overrides) -> ml_collections.ConfigDict:
-    d = {
-        "image_size": 32,
-        "crop_min_area": 0.08,
-        "flip": True,
-        "color_jitter": 0.0,
-        "decode_reduced": True,
-        "truncated": "keep",
-        "decoder": "cpu",
-        "num_workers": 0,
-        "eval_crop_ratio": 0.875,
-    }
-    return ml_collections.ConfigDict({**d, **overrides})
+    d = config_base.base_config().dataset
+    d.update(image_size=32, num_workers=0, **overrides)
+    return d
 
 
 def make_folder(root: Path) -> Path:
