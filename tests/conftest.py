@@ -21,6 +21,18 @@ except ImportError:
     pass
 
 
+# `make test` runs two pytest workers (pytest-xdist, `--dist loadgroup`); each test file is one
+# group, so its module fixtures are built once, and the files sharing the session reference
+# runs below are one group, so those runs happen once.
+SHARED_GROUPS = {"test_cli": "cluster", "test_faults": "cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
+
 @pytest.fixture(scope="session")
 def two_process_reference(tmp_path_factory):
     """(workdir, output) of one uninterrupted 2-process smoke run (launch_local, gloo, 16 steps),
@@ -36,3 +48,20 @@ def two_process_reference(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("reference") / "run")
     launcher = [sys.executable, os.path.join(REPO, "scripts", "launch_local.py"), "--num_processes", "2", "--"]
     return workdir, _run(launcher + _train_cmd(workdir, str(data_dir)), _env(1)).stdout
+
+
+@pytest.fixture(scope="session")
+def one_process_reference(tmp_path_factory):
+    """(workdir, data_dir, compilation-cache flag) of one uninterrupted 1-process, 2-device smoke
+    run, its compiled steps in that cache: the reference of test_cli's SIGTERM and 2-process tests."""
+    from test_cli import _env, _run, _train_cmd
+
+    from jaxres.data import embedded
+
+    data_dir = tmp_path_factory.mktemp("reference1_data")
+    embedded.write_digits(data_dir)
+    root = tmp_path_factory.mktemp("reference1")
+    cache = f"--compilation_cache={root / 'xla'}"
+    workdir = str(root / "run")
+    _run(_train_cmd(workdir, str(data_dir), cache), _env(2))
+    return workdir, str(data_dir), cache

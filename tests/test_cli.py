@@ -62,13 +62,11 @@ def _run(cmd, env, timeout=300):
     return result
 
 
-def test_sigterm_then_resume_matches_uninterrupted(data_dir, tmp_path):
+def test_sigterm_then_resume_matches_uninterrupted(one_process_reference, tmp_path):
     # The later runs load the reference run's compiled steps from the persistent cache:
     # the bit-exact comparison below also checks that cached executables compute the same.
-    cache = f"--compilation_cache={tmp_path / 'xla'}"
-    reference = str(tmp_path / "reference")
-    _run(_train_cmd(reference, data_dir, cache), _env(2))
-    assert os.listdir(tmp_path / "xla"), "the compilation cache stayed empty"
+    reference, data_dir, cache = one_process_reference
+    assert os.listdir(cache.split("=", 1)[1]), "the compilation cache stayed empty"
 
     workdir = str(tmp_path / "preempted")
     proc = subprocess.Popen(_train_cmd(workdir, data_dir, cache), env=_env(2), cwd=REPO,
@@ -92,14 +90,13 @@ def test_sigterm_then_resume_matches_uninterrupted(data_dir, tmp_path):
     assert eval_res["val_top1"] == eval_ref["val_top1"]
 
 
-def test_two_processes_match_one(data_dir, tmp_path, two_process_reference):
+def test_two_processes_match_one(one_process_reference, two_process_reference):
     """2 processes x 1 CPU device (gloo) vs 1 process x 2 devices, same global batches.
 
     Only the reduction order differs (gloo all-reduce vs in-process), so the
     losses agree to 1e-4 relative and val top-1 to one image in 100.
     """
-    one = str(tmp_path / "one")
-    _run(_train_cmd(one, data_dir), _env(2))
+    one = one_process_reference[0]
     two, output = two_process_reference
     assert "2 devices, 2 process(es)" in output
     one_rows = [r for r in _rows(one) if "loss" in r]
