@@ -32,7 +32,7 @@ demo: venv
 # pytest exits 5 when it collected no tests: that must fail, not pass. Two workers (one per
 # core of the 2-core machines): compiling, imports and subprocess start-up are single-threaded.
 test: venv-full
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup tests; rc=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
 bench: venv

@@ -93,9 +93,11 @@ def count_flops(fn: Callable, *args: Any) -> dict[str, int]:
     return counts
 
 
-def _walk(jaxpr: Any, times: int, counts: dict[str, int]) -> None:
+def _walk(jaxpr: Any, times: int, counts: dict[str, int], scope: str = "") -> None:
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
+        # A sub-jaxpr's names are relative to its call (a custom_vjp conv inside a flax module).
+        key = "/".join(part for part in (scope, str(eqn.source_info.name_stack)) if part)
         flops = (
             _conv_flops(eqn)
             if name == "conv_general_dilated"
@@ -104,7 +106,6 @@ def _walk(jaxpr: Any, times: int, counts: dict[str, int]) -> None:
             else 0
         )
         if flops:
-            key = str(eqn.source_info.name_stack)
             counts[key] = counts.get(key, 0) + flops * times
         subs = jex_core.jaxprs_in_params(eqn.params)
         if name == "cond":  # One branch runs: count the dearest.
@@ -112,7 +113,7 @@ def _walk(jaxpr: Any, times: int, counts: dict[str, int]) -> None:
             counts["cond"] = counts.get("cond", 0) + max(branches, default=0) * times
             continue
         for sub in subs:  # while loops: one trip (their count is not static).
-            _walk(sub, times * (eqn.params["length"] if name == "scan" else 1), counts)
+            _walk(sub, times * (eqn.params["length"] if name == "scan" else 1), counts, key)
 
 
 def _walk_total(jaxpr: Any) -> int:

@@ -21,22 +21,15 @@ except ImportError:
     pass
 
 
-# `make test` runs two pytest workers (pytest-xdist, `--dist loadgroup`); each test file is one
-# group, so its module fixtures are built once, and the files sharing the session reference
-# runs below are one group, so those runs happen once.
-SHARED_GROUPS = {"test_cli": "cluster", "test_faults": "cluster"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+# `make test` runs two pytest workers (pytest-xdist, `--dist loadfile`: a file's tests on one
+# worker, so its module fixtures are built once). The session reference runs below are used
+# by test_faults.py only, so they run once.
 
 
 @pytest.fixture(scope="session")
 def two_process_reference(tmp_path_factory):
     """(workdir, output) of one uninterrupted 2-process smoke run (launch_local, gloo, 16 steps),
-    shared by the multi-process tests of test_cli.py and test_faults.py."""
+    shared by the multi-process tests of test_faults.py."""
     import sys
 
     from test_cli import REPO, _env, _run, _train_cmd
@@ -53,7 +46,7 @@ def two_process_reference(tmp_path_factory):
 @pytest.fixture(scope="session")
 def one_process_reference(tmp_path_factory):
     """(workdir, data_dir, compilation-cache flag) of one uninterrupted 1-process, 2-device smoke
-    run, its compiled steps in that cache: the reference of test_cli's SIGTERM and 2-process tests."""
+    run, its compiled steps in that cache: the reference of test_faults' SIGTERM and 2-process tests."""
     from test_cli import _env, _run, _train_cmd
 
     from jaxres.data import embedded
