@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jex_core
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -94,20 +95,11 @@ def machine() -> dict[str, Any]:
 # Shapes
 
 
-def _sub_jaxprs(params: dict[str, Any]) -> Iterator[Any]:
-    for value in params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):  # ClosedJaxpr
-                yield item.jaxpr
-            elif hasattr(item, "eqns"):  # Jaxpr
-                yield item
-
-
 def _convs_in(jaxpr: Any) -> Iterator[Any]:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "conv_general_dilated":
             yield eqn
-        for sub in _sub_jaxprs(eqn.params):
+        for sub in jex_core.jaxprs_in_params(eqn.params):
             yield from _convs_in(sub)
 
 
@@ -237,8 +229,10 @@ def _block(result: Any) -> None:
         jax.block_until_ready(result)
 
 
-def interleaved(runners: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each runner, called in turn (A, B, C, A, B, C, ...)."""
+def interleaved_times(
+    runners: dict[str, Callable[[], Any]], reps: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds of each call of each runner, the runners called in turn (A, B, C, A, B, C, ...)."""
     for run in runners.values():
         for _ in range(warmup):
             _block(run())
@@ -248,7 +242,12 @@ def interleaved(runners: dict[str, Callable[[], Any]], reps: int, warmup: int = 
             start = time.perf_counter()
             _block(run())
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved(runners: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each runner, called in turn (A, B, C, A, B, C, ...)."""
+    return {name: statistics.median(t) for name, t in interleaved_times(runners, reps, warmup).items()}
 
 
 def _bn_runners(shape: tuple[int, ...], rng: np.random.Generator, n_dev: int) -> dict[str, Callable[[], Any]]:
@@ -493,15 +492,7 @@ def train_step_ab(model_name: str, image_size: int, batch_size: int, steps: int 
             compile_s[name] = time.perf_counter() - start
 
         runners[name] = _step_runner(compiled, state, batch)
-    for run in runners.values():
-        for _ in range(warmup):
-            jax.block_until_ready(run())
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(steps):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            jax.block_until_ready(run())
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(runners, steps, warmup)
     rows = []
     for name in runners:
         row = bench_steps.result_row("train", "jax", model_name, batch_size, "float32", times[name],
