@@ -38,6 +38,13 @@ CASES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def every_conv_takes_the_matmuls(monkeypatch, request):
+    """The parity tests' convs are small: without this, KxK ones would keep XLA's backward."""
+    if "threshold" not in request.node.name:
+        monkeypatch.setattr(cpu_conv, "MATMUL_MIN_FLOPS", 0)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}_{c[1]}x{c[2]}_k{c[5]}s{c[6]}_{c[7]}")
 def test_forward_and_both_gradients_match_xla(case):
     n, h, w, ci, co, k, s, padding = case
@@ -155,3 +162,19 @@ def test_the_model_uses_it_and_xla_backward_turns_it_off():
     ours = jax.jit(grad_fn())(variables["params"])
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(ours)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_the_flop_threshold_routes_small_kxk_convs_to_xla():
+    """KxK convs under `MATMUL_MIN_FLOPS` are plain XLA convs; 1x1 and large KxK ones take the matmuls."""
+
+    def custom(x_shape, k_shape, stride):
+        def loss(x, k):
+            return jnp.sum(cpu_conv.conv(x, k, (stride, stride), "SAME", dimension_numbers=NHWC))
+
+        x, k = jax.ShapeDtypeStruct(x_shape, jnp.float32), jax.ShapeDtypeStruct(k_shape, jnp.float32)
+        return "platform_index" in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k))
+
+    assert cpu_conv.MATMUL_MIN_FLOPS == 1e9
+    assert not custom((32, 32, 32, 32), (3, 3, 32, 32), 1)  # 0.6 GFLOP: the demo's 3x3 convs.
+    assert custom((32, 32, 32, 32), (1, 1, 32, 64), 2)  # 1x1: always.
+    assert custom((32, 56, 56, 64), (3, 3, 64, 64), 1)  # 7.4 GFLOP: ResNet-50's.

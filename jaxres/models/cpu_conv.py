@@ -16,7 +16,8 @@ as matmuls, they go to XLA:CPU's dot kernels instead:
   which XLA fuses into one pass; 1x1 convs are one matmul (and a strided scatter). Only on
   small maps (see `COL2IM_MAX_PIXELS`); on large ones XLA's own backward conv is kept.
 
-The forward pass stays XLA's convolution. On any other platform (GPU, TPU) the backward is
+KxK convs of fewer than `MATMUL_MIN_FLOPS` keep XLA's whole backward (small convs, where the
+matmuls do not pay). The forward pass stays XLA's convolution. On any other platform (GPU, TPU) the backward is
 the standard one (`jax.vjp` of `lax.conv_general_dilated`, i.e. cuDNN on GPU), selected by
 `jax.lax.platform_dependent` when the program is lowered, so the same model code runs on
 both. Only plain NHWC/HWIO 2-D convolutions without dilation or groups take the custom
@@ -52,6 +53,15 @@ IM2COL_MIN_TAP_CHANNELS = 8
 # backward conv (64 ch @56: 627 vs 325 ms; @28: 80 vs 66 ms), on small ones less
 # (512 ch @7: 193 vs 285 ms; @4: 61 vs 118 ms). 1x1 convs always take the matmul.
 COL2IM_MAX_PIXELS = 64
+# KxK convs (K > 1) below this many FLOPs (2 x N x OH x OW x KH x KW x Ci x Co, the whole batch)
+# keep XLA's own backward. Small convs are where the per-tap matmuls have tiny outputs (Ci x Co)
+# and XLA's backward conv is as fast or faster, and the extra ops cost compile time. Measured
+# on 2 AVX2 cores, 2 devices, batch 32, weight gradient xla / matmul: the demo's 0.6-GFLOP
+# 3x3 convs (32 ch @32, 64 @16, 128 @8) 9.9 / 12.2, 9.4 / 12.2, 5.8 / 9.0 ms; ResNet-18 @112's
+# 1.9-GFLOP ones even or better; ResNet-50 @224's 7.4-GFLOP ones 1.2-1.7x faster as matmuls.
+# A whole demo step: 348 ms with XLA's backward, 372 ms with the matmuls on every conv.
+# 1x1 convs always take the matmuls (one dot each; 1.3-2.8x faster at every size measured).
+MATMUL_MIN_FLOPS = 1e9
 
 
 # Off inside `xla_backward()` (benchmarks' baseline); read when a conv is traced.
@@ -122,9 +132,21 @@ def conv(
     else:
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    if any(p < 0 for pair in pads for p in pair):  # Cropping convs: rare, keep XLA's.
+    if any(p < 0 for pair in pads for p in pair) or _small_kxk(lhs.shape, rhs.shape, strides, pads):
+        # Cropping convs (rare) and small KxK convs: XLA's backward (see MATMUL_MIN_FLOPS).
         return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=_NHWC, precision=precision)
     return _conv(lhs, rhs, strides, pads, precision)
+
+
+def _small_kxk(x_shape: Sequence[int], w_shape: Sequence[int], strides: tuple[int, int], pads: Pads) -> bool:
+    """True for a KxK conv (K > 1) of fewer than `MATMUL_MIN_FLOPS` FLOPs."""
+    n, h, w, _ = x_shape
+    kh, kw, ci, co = w_shape
+    if (kh, kw) == (1, 1):
+        return False
+    oh = (h + sum(pads[0]) - kh) // strides[0] + 1
+    ow = (w + sum(pads[1]) - kw) // strides[1] + 1
+    return 2.0 * n * oh * ow * kh * kw * ci * co < MATMUL_MIN_FLOPS
 
 
 def _xla_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads, precision: Any) -> jax.Array:
