@@ -100,6 +100,24 @@ def summarize_sums(total: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return summary
 
 
+def _summary_writer_class() -> Any:
+    """tensorboardX's SummaryWriter (no TensorFlow needed), imported without PyTorch.
+
+    tensorboardX imports torch whenever it is installed (the `[convert]` extra), only to accept
+    torch tensors: 2-3 s of every training run's start-up on 2 cores. Scalars need none of it.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment] # `import torch` raises ImportError.
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Writes `metrics.jsonl` and TensorBoard events under `tb/` (`config.json`: `jaxres.runs`)."""
 
@@ -125,10 +143,8 @@ class MetricWriter:
             _drop_rows_after(path, resume_step)
         self._jsonl = open(path, "a")  # noqa: SIM115 - open for the writer's lifetime.
         if tensorboard:
-            from tensorboardX import SummaryWriter  # No TensorFlow needed.
-
             purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30, purge_step=purge)
+            self._tb = _summary_writer_class()(os.path.join(workdir, "tb"), flush_secs=30, purge_step=purge)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One JSON line (with `step`) and one TensorBoard scalar per value."""

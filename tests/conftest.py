@@ -1,11 +1,19 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and parsed absl flags."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole run: both pytest workers and every script the
+# tests start (the environment wins over `--compilation_cache`), so a program the tests compile
+# again (the smoke model's init and steps, mostly) is compiled once per run. Fresh for each run
+# (xdist gives both workers the run's uid), never the user's ~/.cache.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jaxres-tests-xla-{_RUN}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")  # As the scripts' own.
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
@@ -46,7 +54,8 @@ def two_process_reference(tmp_path_factory):
 @pytest.fixture(scope="session")
 def one_process_reference(tmp_path_factory):
     """(workdir, data_dir, compilation-cache flag) of one uninterrupted 1-process, 2-device smoke
-    run, its compiled steps in that cache: the reference of test_faults' SIGTERM and 2-process tests."""
+    run: the reference of test_faults' SIGTERM and 2-process tests. (The flag is overridden by the
+    tests' JAX_COMPILATION_CACHE_DIR; the compiled steps land there.)"""
     from test_cli import _env, _run, _train_cmd
 
     from jaxres.data import embedded

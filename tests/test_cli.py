@@ -130,6 +130,11 @@ def test_bad_config_file_or_arg_is_one_line(tmp_path, config, message):
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
 
 
+def _without_test_cache(**env: str) -> dict:
+    """os.environ plus `env`, without the tests' shared compilation cache (conftest.py)."""
+    return {k: v for k, v in {**os.environ, **env}.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+
 def test_compilation_cache_is_written_then_read(tmp_path):
     """The persistent cache works in the core install (filelock): a second process hits it."""
     script = (
@@ -144,7 +149,7 @@ def test_compilation_cache_is_written_then_read(tmp_path):
         "print('hits', len(hits))\n"
     )
     runs = [subprocess.run([sys.executable, "-c", script, str(tmp_path / "xla")], cwd=REPO, capture_output=True,
-                           text=True, timeout=120, check=False, env=dict(os.environ, XLA_FLAGS=""))
+                           text=True, timeout=120, check=False, env=_without_test_cache(XLA_FLAGS=""))
             for _ in range(2)]  # fmt: skip
     for r in runs:
         assert r.returncode == 0 and "filelock" not in r.stderr, r.stderr[-2000:]

@@ -33,10 +33,7 @@ def _setup(config, devices):
     model = runs.build_model(config)
     schedule = optim.make_schedule(config.optimizer, config.batch_size, 8, 16)
     tx = optim.make_optimizer(config.optimizer, schedule)
-    state = jax.jit(
-        lambda rng: train.init_state(model, tx, config, rng),
-        out_shardings=parallel.replicated(mesh),
-    )(jax.random.key(0))
+    state = train.fresh_state(model, tx, config, jax.random.key(0), mesh)
     step_fn, eval_fn = train.make_step_fns(config, model, tx, mesh)
     return mesh, state, step_fn, eval_fn
 

@@ -124,9 +124,7 @@ def _train_setup(config) -> tuple:
     net = runs.build_model(config)
     schedule = optim.make_schedule(config.optimizer, config.batch_size, 1000, 100000)
     tx = optim.make_optimizer(config.optimizer, schedule)
-    state = jax.jit(lambda r: train.init_state(net, tx, config, r), out_shardings=parallel.replicated(mesh))(
-        jax.random.key(0)
-    )
+    state = train.fresh_state(net, tx, config, jax.random.key(0), mesh)
     return (mesh, state, *train.make_step_fns(config, net, tx, mesh))
 
 

@@ -139,7 +139,10 @@ def conv(
 
 
 def _small_kxk(x_shape: Sequence[int], w_shape: Sequence[int], strides: tuple[int, int], pads: Pads) -> bool:
-    """True for a KxK conv (K > 1) of fewer than `MATMUL_MIN_FLOPS` FLOPs."""
+    """True for a KxK conv (K > 1) of fewer than `MATMUL_MIN_FLOPS` FLOPs (False when a dimension
+    is symbolic, as in a shape-polymorphic `jax.export`)."""
+    if not all(isinstance(d, int) for d in (*x_shape, *w_shape)):
+        return False
     n, h, w, _ = x_shape
     kh, kw, ci, co = w_shape
     if (kh, kw) == (1, 1):
