@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
@@ -64,6 +65,21 @@ def damage(error: BaseException) -> str | None:
     return f"{where}{first[:200]}"
 
 
+# A replicated array is saved by all its replicas, each writing a slice of it (orbax's replica
+# parallelism), only when a slice would hold at least this much: slicing the many small arrays
+# (norms, biases, small kernels) costs an eager slice per shape and replica on the first save
+# (1.6 s of a smoke run's 16 steps on 2 CPU cores, against 0.2 s for each later save) and
+# saves nothing; ResNet-50's large kernels still go in parallel.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _type_handlers() -> Any:
+    """orbax's standard type handlers, with `REPLICA_PARALLEL_MIN_BYTES` for jax.Arrays."""
+    standard = [(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)]
+    arrays = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+    return ocp.type_handlers.create_type_handler_registry(*standard, (jax.Array, arrays))
+
+
 class Checkpointer:
     """Saves and restores `TrainState`s under `directory` (a run's `checkpoints/`)."""
 
@@ -88,7 +104,10 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
