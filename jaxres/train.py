@@ -499,7 +499,8 @@ class _Loop:
     def __init__(
         self, config, checkpointer, writer, schedule, steps_per_epoch: int, total_steps: int, start: int, timer
     ):
-        self.config, self.checkpointer, self.writer, self.schedule = config, checkpointer, writer, schedule
+        # Jitted: evaluated eagerly, each of the schedule's jnp ops would be compiled on its own.
+        self.config, self.checkpointer, self.writer, self.schedule = config, checkpointer, writer, jax.jit(schedule)
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.progress = metrics_lib.Throughput(total_steps, start, config.batch_size, steps_per_epoch)
         self.timer = timer  # profiling.StepTimer: input wait vs device time, MFU.

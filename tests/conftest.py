@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and parsed absl flags."""
 
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -10,9 +11,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run: both pytest workers and every script the
 # tests start (the environment wins over `--compilation_cache`), so a program the tests compile
 # again (the smoke model's init and steps, mostly) is compiled once per run. Fresh for each run
-# (xdist gives both workers the run's uid), never the user's ~/.cache.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jaxres-tests-xla-{_RUN}"))
+# (named after the pytest process; xdist's workers inherit the variable from it), never the
+# user's ~/.cache, and removed at the end of the run.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jaxres-tests-xla-{os.getpid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")  # As the scripts' own.
 
 import pytest  # noqa: E402
@@ -82,3 +84,8 @@ def pytest_collection_modifyitems(items):
         return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
 
     items.sort(key=rank)  # Stable: tests within a file keep their order.
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:  # The process that named it.
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
