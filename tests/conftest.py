@@ -23,12 +23,18 @@ from absl import flags  # noqa: E402
 # grain and other absl users read flags; pytest does not parse them.
 flags.FLAGS.mark_as_parsed()
 
-# torchvision / timm load triton, which crashes when TensorFlow was imported first
-# (tfds preparation tests import TensorFlow): load them first when installed.
-try:
-    import torchvision  # noqa: F401, E402
-except ImportError:
-    pass
+
+
+def pytest_configure(config):
+    """torchvision / timm load triton, which crashes when TensorFlow was imported first (tfds
+    preparation tests import TensorFlow): load them first when installed, in every process that
+    runs tests (not in xdist's controller, which runs none: 3-6 s off the start of `make test`)."""
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
 
 
 # `make test` runs two pytest workers (pytest-xdist, `--dist loadfile`: a file's tests on one
