@@ -24,7 +24,6 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 
-
 def pytest_configure(config):
     """torchvision / timm load triton, which crashes when TensorFlow was imported first (tfds
     preparation tests import TensorFlow): load them first when installed, in every process that
