@@ -60,20 +60,17 @@ def two_process_reference(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def one_process_reference(tmp_path_factory):
-    """(workdir, data_dir, compilation-cache flag) of one uninterrupted 1-process, 2-device smoke
-    run: the reference of test_faults' SIGTERM and 2-process tests. (The flag is overridden by the
-    tests' JAX_COMPILATION_CACHE_DIR; the compiled steps land there.)"""
+    """(workdir, data_dir) of one uninterrupted 1-process, 2-device smoke run: the reference of
+    test_faults' SIGTERM and 2-process tests (its compiled steps land in the run's cache, above)."""
     from test_cli import _env, _run, _train_cmd
 
     from jaxres.data import embedded
 
     data_dir = tmp_path_factory.mktemp("reference1_data")
     embedded.write_digits(data_dir)
-    root = tmp_path_factory.mktemp("reference1")
-    cache = f"--compilation_cache={root / 'xla'}"
-    workdir = str(root / "run")
-    _run(_train_cmd(workdir, str(data_dir), cache), _env(2))
-    return workdir, str(data_dir), cache
+    workdir = str(tmp_path_factory.mktemp("reference1") / "run")
+    _run(_train_cmd(workdir, str(data_dir)), _env(2))
+    return workdir, str(data_dir)
 
 
 # The slowest files first (seconds of one `make test` on 2 AVX2 cores, 30 Nov 2026): with one

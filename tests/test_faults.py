@@ -59,11 +59,11 @@ def _assert_each_step_once(workdir: str) -> None:
 def test_sigterm_then_resume_matches_uninterrupted(one_process_reference, tmp_path):
     # The later runs load the reference run's compiled steps from the tests' persistent cache
     # (conftest.py): the bit-exact comparison below also checks that cached executables compute the same.
-    reference, data_dir, cache = one_process_reference
+    reference, data_dir = one_process_reference
     assert os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"]), "the compilation cache stayed empty"
 
     workdir = str(tmp_path / "preempted")
-    proc = subprocess.Popen(_train_cmd(workdir, data_dir, cache), env=_env(2), cwd=REPO,
+    proc = subprocess.Popen(_train_cmd(workdir, data_dir), env=_env(2), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not any(r.get("step", 0) >= 4 for r in _rows(workdir)):
@@ -76,7 +76,7 @@ def test_sigterm_then_resume_matches_uninterrupted(one_process_reference, tmp_pa
     stopped_at = max(r["step"] for r in _rows(workdir))
     assert stopped_at < 16, "SIGTERM did not stop the run early"
 
-    resumed = _run(_train_cmd(workdir, data_dir, cache), _env(2))
+    resumed = _run(_train_cmd(workdir, data_dir), _env(2))
     assert "Resuming from" in resumed.stdout
     (train_ref, eval_ref), (train_res, eval_res) = _final(reference), _final(workdir)
     assert train_res["step"] == train_ref["step"] == 16
