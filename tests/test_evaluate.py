@@ -7,6 +7,7 @@ Runs are built directly (init + a random head, saved with `Checkpointer`): no tr
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from PIL import Image
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import evaluate, predict, runs
+from jaxres import evaluate, predict, runs, train
 from jaxres.config_base import base_config
 from jaxres.data import loader, sources, transforms
 from jaxres.errors import CheckpointError, ConfigError
@@ -64,7 +65,8 @@ def make_run(root: str, config, seed: int = 0, step: int = 3, ema: bool = False)
     os.makedirs(root, exist_ok=True)
     model = runs.build_model(config)
     size = config.dataset.image_size
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)), train=False)
+    init = functools.partial(model.init, train=False)
+    variables = train.run_once(init, jax.random.key(seed), jnp.zeros((1, size, size, 3)))
     params = jax.tree.map(np.asarray, dict(variables["params"]))
     rng = np.random.default_rng(seed)
     params["head"] = {
