@@ -26,7 +26,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxres import losses, models, optim, runs
+from jaxres import losses, models, optim, runs, train
 from jaxres.config_base import base_config
 from jaxres.convert import exporter
 from jaxres.errors import ConfigError
@@ -61,26 +61,33 @@ def _images(n: int = 6, size: int = 16) -> jax.Array:
 def test_drop_path_adds_no_parameters_and_is_identity_at_eval():
     x = _images()
     plain, dropped = _tiny(0.0), _tiny(0.5)
-    variables = plain.init(jax.random.key(0), x)
-    assert jax.tree.structure(dropped.init(jax.random.key(0), x)) == jax.tree.structure(variables)
-    want = plain.apply(variables, x)[0]
+    # Jitted, here and below: run eagerly, every op would be compiled on its own (seconds).
+    variables = train.run_once(plain.init, jax.random.key(0), x)
+    dropped_structure = jax.tree.structure(jax.eval_shape(dropped.init, jax.random.key(0), x))
+    assert dropped_structure == jax.tree.structure(variables)
+    want = jax.jit(plain.apply)(variables, x)[0]
+    apply_dropped = jax.jit(dropped.apply)
     for seed in (0, 1):  # Eval ignores the rng (and needs none).
-        got = dropped.apply(variables, x, rngs={"dropout": jax.random.key(seed)})[0]
+        got = apply_dropped(variables, x, rngs={"dropout": jax.random.key(seed)})[0]
         np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(dropped.apply(variables, x)[0], want)
+    np.testing.assert_array_equal(apply_dropped(variables, x)[0], want)
 
 
 def test_train_mode_drop_path_needs_a_dropout_rng():
     x = _images()
     model = _tiny(0.2)
-    variables = model.init(jax.random.key(0), x)
-    train = functools.partial(model.apply, train=True, mutable=["batch_stats"])
+    variables = train.run_once(model.init, jax.random.key(0), x)
+    # Traced only: the errors come from tracing, and eager applies compile op by op.
+    train_apply = functools.partial(
+        jax.eval_shape, functools.partial(model.apply, train=True, mutable=["batch_stats"])
+    )
     with pytest.raises(ValueError, match=r'rngs=\{"dropout": key\}'):
-        train(variables, x)
+        train_apply(variables, x)
     with pytest.raises(ValueError, match="dropout"):  # Not silently the "params" stream.
-        train(variables, x, rngs={"params": jax.random.key(0)})
-    train(variables, x, rngs={"dropout": jax.random.key(0)})
-    _tiny(0.0).apply(variables, x, train=True, mutable=["batch_stats"])  # Rate 0: no rng needed.
+        train_apply(variables, x, rngs={"params": jax.random.key(0)})
+    train_apply(variables, x, rngs={"dropout": jax.random.key(0)})
+    rate_0 = functools.partial(_tiny(0.0).apply, train=True, mutable=["batch_stats"])
+    jax.eval_shape(rate_0, variables, x)  # No rng needed.
 
 
 def test_drop_path_rate_out_of_range_is_a_config_error():
@@ -105,8 +112,8 @@ def _block(rate: float) -> ResidualBlock:
 def test_drop_path_drops_whole_examples_and_keeps_the_expectation():
     rate, keep, draws = 0.3, 0.7, 4000
     x = jax.random.normal(jax.random.key(2), (4, 6, 6, 8))
-    variables = _block(0.0).init(jax.random.key(0), x)
-    branch = np.asarray(_block(0.0).apply(variables, x, train=True) - x)
+    variables = train.run_once(_block(0.0).init, jax.random.key(0), x)
+    branch = np.asarray(jax.jit(functools.partial(_block(0.0).apply, train=True))(variables, x) - x)
     assert np.all(np.abs(branch).max(axis=(1, 2, 3)) > 0.1)  # Dropped and kept tell apart.
 
     block = _block(rate)
@@ -125,7 +132,9 @@ def test_drop_path_drops_whole_examples_and_keeps_the_expectation():
     sigma = np.sqrt(rate / keep / draws)
     np.testing.assert_allclose(dropped.mean(axis=0), branch, atol=5 * sigma * np.abs(branch).max())
     # At eval the block is the plain one.
-    np.testing.assert_array_equal(block.apply(variables, x), _block(0.0).apply(variables, x))
+    np.testing.assert_array_equal(
+        jax.jit(block.apply)(variables, x), jax.jit(_block(0.0).apply)(variables, x)
+    )
 
 
 def _built_block_rates(model: ResNet, image_size: int = 32) -> dict[str, float]:
@@ -179,9 +188,8 @@ def test_drop_path_is_training_only_for_exports_and_checkpoints(tmp_path):
         exporter.twin("torchvision", config.model.name, runs.model_overrides(config)) == "resnet18"
     )
 
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.key(0), jnp.zeros((1, 32, 32, 3))
-    )
+    init = functools.partial(model.init, train=False)
+    variables = train.run_once(init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     run = runs.write_run(str(tmp_path / "run"), config, jax.tree.map(np.asarray, variables))
     loaded = runs.load(run)  # Shapes checked against a model built with the rate.
     assert loaded.model.drop_path_rate == 0.05
