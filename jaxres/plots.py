@@ -55,7 +55,10 @@ def write_curves(run_dirs: Sequence[str], output: str) -> str | None:
     runs = [(label, read_rows(r)) for label, r in zip(_run_labels(run_dirs), run_dirs, strict=True)]
     if not any(rows for _, rows in runs):
         return None
-    fig = _figure(16, 9)
+    # Fixed margins, not the constrained layout: half the drawing time (0.7 -> 0.4 s on 2 cores),
+    # and this figure is drawn at the end of every training run.
+    fig = _figure(16, 9, layout=None)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.91, wspace=0.2, hspace=0.3)
     axes = fig.subplots(2, 3).ravel()
     for ax, (title, series, scale) in zip(axes, CURVE_PANELS, strict=True):
         drawn = False
