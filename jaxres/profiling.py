@@ -67,7 +67,11 @@ PEAK_TFLOPS = (
     (r"TPU v5", 459.0, 459.0, "TPU v5p"),
     (r"TPU v6", 918.0, 918.0, "TPU v6e"),
 )
-SGEMM_SIZE = 2048
+# The host's sgemm is timed on n x n float32 matrices, n doubled from the first size until one
+# product takes SGEMM_MIN_SECONDS (enough for BLAS to reach its rate: on 2 AVX2 cores n = 1024
+# gives 187-190 GFLOP/s in 0.07 s, n = 2048 191 GFLOP/s in 0.56 s) or n reaches the last size.
+SGEMM_SIZES = (1024, 2048, 4096)
+SGEMM_MIN_SECONDS = 0.01
 # Warn when the input pipeline blocked the step more than this fraction of the time, summed
 # over at least INPUT_WARN_AFTER log intervals (the first, start-up, one excluded); then the
 # sums start again, and the next warning waits INPUT_WARN_EVERY log lines.
@@ -220,31 +224,36 @@ class Peak:
 
 
 @functools.cache
-def host_sgemm_flops(n: int = SGEMM_SIZE, repeats: int = 5) -> float:
-    """FLOP/s of a float32 n x n matmul on this host: numpy's BLAS on all cores, best of `repeats`.
+def host_sgemm(repeats: int = 10) -> tuple[float, int]:
+    """(FLOP/s, n) of a float32 n x n matmul on this host: numpy's BLAS on all cores, best of
+    `repeats`, n from `SGEMM_SIZES` (see there). Measured once per process (0.15 s on 2 cores)."""
+    for n in SGEMM_SIZES:
+        a = np.random.default_rng(0).random((n, n), np.float32)
+        a @ a  # Warm-up: the BLAS threads start.
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - start)
+        if best >= SGEMM_MIN_SECONDS:
+            break
+    return 2 * n**3 / best, n
 
-    Measured once per process (about a second on 2 cores).
-    """
-    a = np.random.default_rng(0).random((n, n), np.float32)
-    a @ a  # Warm-up: the BLAS threads start.
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+
+def host_sgemm_flops() -> float:
+    """FLOP/s of this host's float32 matmul (`host_sgemm`)."""
+    return host_sgemm()[0]
 
 
 def device_peak(dtype: str) -> Peak:
     """The peak FLOP/s of one local device for a model computing in `dtype`."""
     device = jax.local_devices()[0]
     if device.platform == "cpu":
-        sgemm = host_sgemm_flops()
+        sgemm, n = host_sgemm()
         per_device = sgemm / jax.local_device_count()
         return Peak(
             per_device,
-            f"measured sgemm of this host, {sgemm / 1e9:.0f} GFLOP/s (numpy float32 {SGEMM_SIZE}x"
-            f"{SGEMM_SIZE}) over {jax.local_device_count()} CPU device(s), not a datasheet peak",
+            f"measured sgemm of this host, {sgemm / 1e9:.0f} GFLOP/s (numpy float32 {n}x{n}) over {jax.local_device_count()} CPU device(s), not a datasheet peak",
             "sgemm",
         )
     return peak_for_kind(device.device_kind, dtype, device.platform)

@@ -45,7 +45,7 @@ _CPU_DETAILS: dict[str, Any] = {}
 def cpu_details() -> dict[str, Any]:
     """What a CPU figure depends on: CPU model, AVX-512 yes/no, cores, measured sgemm GFLOP/s.
 
-    The sgemm rate (`profiling.host_sgemm_flops`, about a second) is measured once per
+    The sgemm rate (`profiling.host_sgemm_flops`, 0.15 s on 2 cores) is measured once per
     process; on a shared host it also tells how contended the cores were.
     """
     if not _CPU_DETAILS:
