@@ -243,13 +243,25 @@ def _torchvision_resnet50(directory) -> Reference:
 # --- Keras references -----------------------------------------------------------------------
 
 
+def _numpy_uniform(key, shape=(), dtype=jnp.float32, minval=0.0, maxval=1.0) -> jax.Array:
+    """`jax.random.uniform`'s signature, numpy's values, seeded by the key's bits."""
+    bits = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    rng = np.random.default_rng([int(b) for b in np.asarray(bits).ravel()])
+    return jnp.asarray(rng.uniform(minval, maxval, shape), dtype)
+
+
 def _keras(name: str, directory) -> Reference:
     keras = pytest.importorskip("keras")
     pytest.importorskip("h5py")
     keras.utils.set_random_seed(0)
-    model = getattr(keras.applications, name)(
-        weights=None, input_shape=(SIZE, SIZE, 3), classes=CLASSES, classifier_activation=None
-    )
+    # Keras draws each initial weight eagerly with jax.random.uniform: one threefry program
+    # compiled per weight shape, 5-10 s for a ResNet-50 on 2 cores. The weights only need to be
+    # random (they are perturbed below anyway), so numpy draws them.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jax.random, "uniform", _numpy_uniform)
+        model = getattr(keras.applications, name)(
+            weights=None, input_shape=(SIZE, SIZE, 3), classes=CLASSES, classifier_activation=None
+        )
     v2 = name.endswith("V2")
     preprocess = (
         keras.applications.resnet_v2 if v2 else keras.applications.resnet
