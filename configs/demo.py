@@ -15,8 +15,8 @@ changed), at six it is 0.997 (seed 0) and 0.989 (seed 1).
 
 Expected, `make demo` after the install (train + evaluate + probe + export):
 * 2-core AMD EPYC without AVX-512 (measured sgemm 188 GFLOP/s), quiet,
-  30 Nov 2026: `make demo` 1 min 56 s wall (training 106 s, evaluation 2 s,
-  probe 6 s; best val top-1 0.997, probe 0.997). Earlier the same day, 5
+  30 Nov 2026: `make demo` 1 min 50-56 s wall (training 100-106 s,
+  evaluation 2 s, probe 6 s; best val top-1 0.997, probe 0.997). Earlier that day, 5
   epochs took 2 min 35 s (training 133 s); before the half width and the
   CPU matmul backward (`jaxres/models/cpu_conv.py`) the full-width demo
   took 10-11 min there (under load).
