@@ -117,7 +117,7 @@ def test_launcher_names_a_failed_process_and_ends_the_rest(tmp_path):
 
 
 def test_one_host_preempted_then_a_dead_peer_and_the_rerun_matches(data_dir, two_process_reference, tmp_path):
-    """Two faults of one 2-process run, each then resumed (one run: 6 process starts, not 8):
+    """Two faults of one 2-process run, each then resumed (one run, so three 2-process starts):
     1. one host preempted (SIGTERM to process 1 only): both processes save the same step, exit 0;
     2. resumed by hand, then process 1 killed (kill -9): the survivor stops by itself (exit 3)
        within DEAD_PEER_BOUND_S, naming the lost process;
