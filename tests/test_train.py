@@ -59,6 +59,16 @@ def _run_steps(config, devices, batches):
     return losses, parallel.fetch(state.params), parallel.fetch(state.batch_stats)
 
 
+def test_run_once_computes_fn_and_places_its_outputs():
+    """The run-once compile (backend level 0 on CPU) changes how fast XLA compiles, not the result."""
+    x = jnp.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(train.run_once(lambda a, b: a @ b.T + 1, x, x), x @ x.T + 1)
+    mesh = parallel.make_mesh()
+    out = train.run_once(lambda a: a * 2, x, out_shardings=parallel.replicated(mesh))
+    assert out.sharding.is_fully_replicated and len(out.sharding.device_set) == 8
+    np.testing.assert_array_equal(out, x * 2)
+
+
 def test_eight_devices_match_one(data_dir):
     """BatchNorm over the global batch: 8-way sharding changes only round-off (atol 2e-5)."""
     assert jax.device_count() == 8
