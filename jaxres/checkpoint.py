@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
@@ -74,10 +73,16 @@ REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
 def _type_handlers() -> Any:
-    """orbax's standard type handlers, with `REPLICA_PARALLEL_MIN_BYTES` for jax.Arrays."""
-    standard = [(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, bytes, np.number, np.ndarray, str)]
-    arrays = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
-    return ocp.type_handlers.create_type_handler_registry(*standard, (jax.Array, arrays))
+    """orbax's standard type handlers (its own list), with `REPLICA_PARALLEL_MIN_BYTES` for
+    jax.Arrays; their handler otherwise as orbax's default one, array-metadata store included
+    (orbax has no public name for it)."""
+    default = ocp.type_handlers.get_type_handler
+    arrays = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+        array_metadata_store=getattr(default(jax.Array), "_array_metadata_store", None),
+    )
+    handlers = [(t, arrays if t is jax.Array else default(t)) for t in ocp.type_handlers.supported_types()]
+    return ocp.type_handlers.create_type_handler_registry(*handlers)
 
 
 class Checkpointer:
