@@ -18,10 +18,10 @@ as matmuls, they go to XLA:CPU's dot kernels instead:
 
 KxK convs of fewer than `MATMUL_MIN_FLOPS` keep XLA's whole backward (small convs, where the
 matmuls do not pay). The forward pass stays XLA's convolution. On any other platform (GPU,
-TPU) the backward is the standard one (`jax.vjp` of `lax.conv_general_dilated`, i.e. cuDNN on GPU), selected by
-`jax.lax.platform_dependent` when the program is lowered, so the same model code runs on
-both. Only plain NHWC/HWIO 2-D convolutions without dilation or groups take the custom
-path; anything else is forwarded to `lax.conv_general_dilated` untouched.
+TPU) the backward is the standard one (`jax.vjp` of `lax.conv_general_dilated`, i.e. cuDNN
+on GPU), selected by `jax.lax.platform_dependent` when the program is lowered, so the same
+model code runs on both. Only plain NHWC/HWIO 2-D convolutions without dilation or groups
+take the custom path; anything else is forwarded to `lax.conv_general_dilated` untouched.
 
 Wired into every conv of `jaxres.models.resnet.ResNet` (`nn.Conv(..., conv_general_dilated=conv)`);
 parameters and checkpoints do not change.
