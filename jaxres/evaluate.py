@@ -7,7 +7,7 @@ A *member* is one run (`jaxres.runs.load`: a training workdir, or a run the
 weight converter wrote), with the EMA weights when it kept one.
 
 One jitted function maps a batch of uint8 views [B, K, H, W, 3] (K = 1 centre
-crop, 2 with the mirror image, 10 for 10-crop: `jaxres.data.loader.view_transform`)
+crop, 2 with the mirror image, 10 for 10-crop: `jaxres.data.preprocessing`)
 to the log of class probabilities [B, C]: softmax per view, averaged over the K
 views and then over the members (computed as a logsumexp of log-softmaxes, so it
 never underflows). Averaging probabilities (not logits) is the usual 10-crop /
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxres import metrics, parallel, runs
-from jaxres.data import loader, sources
+from jaxres.data import preprocessing, sources
 from jaxres.errors import ConfigError
 from jaxres.metrics import log_line
 
@@ -66,16 +66,14 @@ class Ensemble:
         for m in self.members[1:]:
             for key, value in (
                 ("num_classes", lambda d: d.num_classes),
-                ("eval_image_size", runs.eval_image_size),
+                ("eval_image_size", preprocessing.eval_image_size),
             ):
                 if value(m.config.dataset) != value(first.dataset):
                     raise ConfigError(
                         f"Ensemble members disagree on dataset.{key}: {self.members[0].run} has "
                         f"{value(first.dataset)}, {m.run} has {value(m.config.dataset)}; ensemble runs of one task."
                     )
-        self.image_size = runs.eval_image_size(first.dataset)
-        self.crop_ratio = first.dataset.eval_crop_ratio
-        self.truncated = first.dataset.truncated
+        self.preprocessing = self.members[0].preprocessing  # The first member's, as its pixels.
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
         self.variables = parallel.replicate(tuple(m.variables for m in self.members), self.mesh)
         specs = tuple(runs.ModelSpec.of(m) for m in self.members)
@@ -92,8 +90,7 @@ class Ensemble:
 
     def batches(self, source: Any, views: str, batch_size: int, num_workers: int = 0):
         """(number of batches, iterator of global device batches) over `source`, padded + masked."""
-        transform = loader.view_transform(self.image_size, self.crop_ratio, views, truncated=self.truncated)
-        return loader.device_eval_batches(source, transform, batch_size, self.mesh, num_workers=num_workers)
+        return self.preprocessing.device_batches(source, views, batch_size, self.mesh, num_workers)
 
     def probabilities(self, source: Any, views: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-example probabilities [N, C] and masks [N] (0: undecodable), in source order."""

@@ -38,7 +38,7 @@ import ml_collections
 from jaxres import checkpoint as ckpt_lib
 from jaxres import models
 from jaxres.config_base import base_config
-from jaxres.data import sources
+from jaxres.data import preprocessing, sources
 from jaxres.errors import CheckpointError, ConfigError, JaxresError
 from jaxres.metrics import log_line
 
@@ -133,11 +133,6 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
-def eval_image_size(dataset: ml_collections.ConfigDict) -> int:
-    """The side evaluation crops to: `dataset.eval_image_size`, or the training `image_size` when 0."""
-    return dataset.eval_image_size or dataset.image_size
-
-
 def normalize(images: jax.Array, mean: tuple, std: tuple) -> jax.Array:
     """uint8 NHWC -> float32, per channel (x - mean) / std (on device)."""
     mean = jnp.asarray(mean, jnp.float32)
@@ -205,6 +200,11 @@ class LoadedRun:
     model: nn.Module
     variables: dict[str, Any]
     meta: dict[str, Any]
+
+    @property
+    def preprocessing(self) -> preprocessing.Preprocessing:
+        """How evaluation and inference see an image (`jaxres.data.preprocessing.of` its config)."""
+        return preprocessing.of(self.config)
 
 
 def load(run: str, checkpoint: str | int = "latest") -> LoadedRun:
@@ -280,8 +280,8 @@ class ModelSpec:
 
     @classmethod
     def of(cls, loaded: LoadedRun) -> ModelSpec:
-        d = loaded.config.dataset
-        return cls(loaded.model, tuple(d.mean), tuple(d.std))
+        prep = loaded.preprocessing
+        return cls(loaded.model, prep.mean, prep.std)
 
     def apply(
         self, variables: dict[str, Any], images: jax.Array

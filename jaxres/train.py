@@ -30,7 +30,7 @@ import optax
 from jaxres import checkpoint as ckpt_lib
 from jaxres import device_augment, interrupts, losses, optim, parallel, plots, profiling, runs
 from jaxres import metrics as metrics_lib
-from jaxres.data import dali, loader, sources
+from jaxres.data import dali, loader, preprocessing, sources
 from jaxres.errors import CheckpointError, ConfigError, NonFiniteLossError, unknown_name
 
 
@@ -147,18 +147,8 @@ def validate(
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
     """val_top1 / val_top5 / val_loss / val_count over the whole split (padded + masked)."""
-    d = config.dataset
-    size = runs.eval_image_size(d)
-    transform = loader.view_transform(size, d.eval_crop_ratio, "center", d.decoder, d.decode_reduced, d.truncated)
-    _, batches = loader.device_eval_batches(
-        source,
-        transform,
-        config.eval_batch_size,
-        mesh,
-        num_workers=d.num_workers,
-        decoder=d.decoder,
-        image_size=size,
-    )
+    prep = preprocessing.of(config)  # The pixels evaluate.py, predict.py and the probes see too.
+    _, batches = prep.device_batches(source, "center", config.eval_batch_size, mesh, config.dataset.num_workers)
     summary = metrics_lib.summarize_sums(metrics_lib.sum_over_batches(eval_fn, variables, batches))
     return {f"val_{k}": v for k, v in summary.items()}
 

@@ -207,7 +207,7 @@ def serving_export(
             "flatbuffer) holds as constants; export with --format timm instead."
         )
     (batch,) = jax.export.symbolic_shape("b")
-    image_size = runs.eval_image_size(loaded.config.dataset)  # What inference feeds.
+    image_size = loaded.preprocessing.image_size  # What inference feeds.
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)
     # On one device: no sharding, so the artifact runs wherever it is loaded.
     return jax.export.export(jax.jit(lambda x: serve(variables, x)), platforms=tuple(platforms))(
@@ -236,7 +236,7 @@ def write_saved_model(loaded: runs.LoadedRun, directory: str, dtype: str = "floa
         ) from None
     directory = os.path.abspath(os.path.expanduser(directory))
     serve, variables = serving_function(loaded, dtype)
-    image_size = runs.eval_image_size(loaded.config.dataset)  # What inference feeds.
+    image_size = loaded.preprocessing.image_size  # What inference feeds.
     module = tf.Module()
     module.weights = tf.nest.map_structure(tf.Variable, variables)
     converted = jax2tf.convert(serve, polymorphic_shapes=[None, "(b, ...)"], with_gradient=False)
@@ -255,8 +255,8 @@ def write_saved_model(loaded: runs.LoadedRun, directory: str, dtype: str = "floa
 
 def metadata(loaded: runs.LoadedRun, fmt: str, model: str) -> dict[str, Any]:
     """What the JSON beside an export holds: model, classes, preprocessing, source run and step."""
-    d = loaded.config.dataset
-    mean, std = [float(m) for m in d.mean], [float(s) for s in d.std]
+    prep = loaded.preprocessing
+    mean, std = list(prep.mean), list(prep.std)
     return {
         "format": fmt,
         "model": model,
@@ -267,9 +267,9 @@ def metadata(loaded: runs.LoadedRun, fmt: str, model: str) -> dict[str, Any]:
             "std": [s / 255 for s in std],
             "mean_uint8": mean,  # On uint8 x, as jaxres (and the jax_export artifact) do.
             "std_uint8": std,
-            "image_size": int(runs.eval_image_size(d)),
-            "crop_ratio": float(d.eval_crop_ratio),  # timm's crop_pct: resize to size / ratio.
-            "interpolation": "bilinear",
+            "image_size": prep.image_size,
+            "crop_ratio": prep.crop_ratio,  # timm's crop_pct: resize to size / ratio.
+            "interpolation": prep.interpolation,
             "channel_order": "RGB",
         },
         "source_run": loaded.run,

@@ -71,7 +71,7 @@ def view_transform(
             raise ConfigError(f"views={views!r} runs on the CPU decoder only; set --config.dataset.decoder=cpu.")
         return dali.EvalCrops(crop_ratio, truncated)
     if views == "10crop":
-        return transforms.TenCropTransform(image_size, crop_ratio, truncated=truncated)
+        return transforms.TenCropTransform(image_size, crop_ratio, decode_reduced, truncated)
     centre = transforms.EvalTransform(image_size, crop_ratio, decode_reduced, truncated)
     return centre if views == "center" else CentreAndMirror(centre)
 

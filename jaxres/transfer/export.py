@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from jaxres import runs
+from jaxres.data import preprocessing
 from jaxres.errors import ConfigError
 from jaxres.transfer.features import FeatureExtractor
 
@@ -62,13 +63,11 @@ def exported_config(
     config = copy.deepcopy(loaded.config)
     config.model.head_layer = extractor.layer
     config.model.head_hidden = hidden
-    normalisation = (tuple(config.dataset.mean), tuple(config.dataset.std))
     config.dataset = copy.deepcopy(dataset)
     config.dataset.num_classes = num_classes
-    config.dataset.image_size = int(extractor.image_size)
-    config.dataset.eval_image_size = 0  # The features' size is the export's one size.
-    config.dataset.eval_crop_ratio = float(extractor.crop_ratio)
-    config.dataset.mean, config.dataset.std = normalisation  # The backbone's, as the features saw.
+    # The features' preprocessing (the backbone's normalisation and decoding, the features' one
+    # size), so the exported model is evaluated on the pixels its probe was fitted on.
+    preprocessing.write_into(extractor.preprocessing, config)
     config.ema_decay = 0.0  # The weights below are the ones the features came from (EMA if kept).
     config.init_from, config.resume_from, config.init_fresh_head = "", "", False
     return config
@@ -127,11 +126,6 @@ def write_probe_run(
         overwrite=overwrite,
         class_names=list(class_names),
         probe=dict(probe_info, layer=extractor.layer, views=extractor.views),
-        preprocessing={
-            "image_size": int(extractor.image_size),
-            "crop_ratio": float(extractor.crop_ratio),
-            "mean": [float(v) for v in config.dataset.mean],
-            "std": [float(v) for v in config.dataset.std],
-        },
+        preprocessing=extractor.preprocessing.description(),
         backbone={"run": loaded.run, "step": int(loaded.step), "model": loaded.config.model.name},
     )

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxres import parallel, runs
 from jaxres.config_transfer import DEFAULT_LAYER
-from jaxres.data import loader
+from jaxres.data import preprocessing
 from jaxres.errors import ConfigError, unknown_name
 from jaxres.metrics import progress_bar
 
@@ -39,7 +39,7 @@ CACHE_FORMAT = 1
 
 def layer_names(loaded: runs.LoadedRun) -> list[str]:
     """The layer names `loaded`'s model returns features for."""
-    size = runs.eval_image_size(loaded.config.dataset)
+    size = loaded.preprocessing.image_size
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     _, features = jax.eval_shape(
         functools.partial(loaded.model.apply, train=False), loaded.variables, x
@@ -81,11 +81,10 @@ class FeatureExtractor:
         if layer not in valid:
             raise ConfigError(unknown_name("feature layer", layer, valid))
         self.member, self.layer, self.pool, self.views = member, layer, pool, views
-        self.image_size = image_size or runs.eval_image_size(member.config.dataset)
-        self.crop_ratio = crop_ratio or member.config.dataset.eval_crop_ratio
-        self.transform = loader.view_transform(
-            self.image_size, self.crop_ratio, views, truncated=member.config.dataset.truncated
-        )
+        # The run's own evaluation preprocessing; only the size and crop may be set here.
+        self.preprocessing = preprocessing.of(member.config, image_size or 0, crop_ratio or 0.0)
+        self.image_size, self.crop_ratio = self.preprocessing.image_size, self.preprocessing.crop_ratio
+        self.preprocessing.views_transform(views)  # A bad view name or decoding key fails here.
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         replicated, data = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
         self.variables = parallel.replicate(member.variables, self.mesh)
@@ -103,13 +102,7 @@ class FeatureExtractor:
             "weights_digest": weights_digest(m.variables),
             "layer": self.layer,
             "pool": self.pool,
-            "preprocessing": {
-                "views": self.views,
-                "image_size": int(self.image_size),
-                "crop_ratio": float(self.crop_ratio),
-                "mean": [float(v) for v in m.config.dataset.mean],
-                "std": [float(v) for v in m.config.dataset.std],
-            },
+            "preprocessing": dict(views=self.views, **self.preprocessing.description()),
         }
 
     def extract(
@@ -122,7 +115,7 @@ class FeatureExtractor:
           batch_size: global batch, a multiple of the device count.
           on_rows: called with each batch's host (features, labels, mask) rows as they arrive.
         """
-        num, batches = loader.device_eval_batches(source, self.transform, batch_size, self.mesh)
+        num, batches = self.preprocessing.device_batches(source, self.views, batch_size, self.mesh)
         parts, remaining = [], len(source)
         for batch in progress_bar(batches, num, f"features {self.layer}"):
             rows = [
