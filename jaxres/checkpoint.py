@@ -8,7 +8,7 @@ A checkpoint holds two items:
   name / class count / image size, the metrics of that step and the config.
 
 Where a run's starting point comes from, in this order (as big_vision does;
-`jaxres.train.restore_or_init`):
+`jaxres.state.restore_or_init`):
 1. the newest checkpoint in `workdir/checkpoints` (resume, mid-epoch included);
 2. `config.resume_from=RUN[:STEP]`: another run's whole state (branch a run);
 3. `config.init_from`: params and batch stats of another run (fine-tuning;

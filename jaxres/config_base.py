@@ -111,6 +111,6 @@ def base_config() -> ml_collections.ConfigDict:
     # Another run's whole state (params, optimizer, step, data position): "RUN" or "RUN:STEP"
     # (STEP: latest | best | a number), to resume or branch a run in a new workdir.
     c.resume_from = ""
-    c.init_from = ""  # Another run's workdir: start from its params (fine-tuning).
+    c.init_from = ""  # Another run: "RUN" or "RUN:STEP"; start from its params (fine-tuning).
     c.init_fresh_head = False  # With init_from: a new head even when its shape matches.
     return c

@@ -67,6 +67,17 @@ def parse_run_and_step(text: str) -> tuple[str, str | int]:
     return text, "latest"
 
 
+def _run_and_checkpoint(run: str, checkpoint: str | int) -> tuple[str, str | int]:
+    """`run` ("RUN" or "RUN:STEP") and a `checkpoint` argument -> (RUN, the one step choice)."""
+    run_only, in_run = parse_run_and_step(run)
+    which = parse_checkpoint(checkpoint)
+    if run_only == run:  # No step in `run`.
+        return run, which
+    if which in ("latest", in_run):
+        return run_only, in_run
+    raise ConfigError(f"{run!r} names checkpoint {in_run!r} but the checkpoint asked for is {which!r}; give one.")
+
+
 def run_directory(run: str) -> str:
     """The run's absolute directory (`RUN` or `RUN/checkpoints` both name it)."""
     run = os.path.abspath(os.path.expanduser(run.rstrip("/")))
@@ -207,22 +218,27 @@ class LoadedRun:
         return preprocessing.of(self.config)
 
 
-def load(run: str, checkpoint: str | int = "latest") -> LoadedRun:
+def load(run: str, checkpoint: str | int = "latest", use_ema: bool = True) -> LoadedRun:
     """Rebuilds a run's model from its config.json and loads the weights of one checkpoint.
 
     Args:
-      run: a run directory (`RUN` or `RUN/checkpoints` both work).
-      checkpoint: "latest", "best" or a step (see `parse_checkpoint`).
+      run: a run directory (`RUN` or `RUN/checkpoints` both work), or "RUN:STEP" (STEP: latest,
+        best or a number: the one spelling of a run and a checkpoint, `parse_run_and_step`).
+      checkpoint: "latest", "best" or a step (see `parse_checkpoint`); a STEP in `run` wins
+        over the default "latest".
+      use_ema: the EMA weights when the run kept them (what evaluation uses); False: the
+        trained weights (fine-tuning from the run).
 
     Raises:
       CheckpointError: no config.json, no such checkpoint, or weights of another model.
+      ConfigError: `run` names a step and `checkpoint` another one.
     """
+    run, which = _run_and_checkpoint(run, checkpoint)
     run = run_directory(run)
     config = read_config(run)
     model = build_model(config)
     checkpointer = open_checkpoints(run)
     try:
-        which = parse_checkpoint(checkpoint)
         step = ckpt_lib.resolve_step(checkpointer, which)
         if which == "latest":  # A damaged newest step is named and the previous one used.
             read = lambda s: (checkpointer.restore_params(s), checkpointer.restore_meta(s))  # noqa: E731
@@ -231,9 +247,8 @@ def load(run: str, checkpoint: str | int = "latest") -> LoadedRun:
             restored, meta = checkpointer.restore_params(step), checkpointer.restore_meta(step)
     finally:
         checkpointer.close()
-    variables = eval_variables(
-        restored["params"], restored.get("ema_params"), restored.get("batch_stats"), config.ema_decay
-    )
+    ema_decay = config.ema_decay if use_ema else 0.0
+    variables = eval_variables(restored["params"], restored.get("ema_params"), restored.get("batch_stats"), ema_decay)
     check_variables(variables, model, config.dataset.image_size, f"{run} step {step}")
     return LoadedRun(run=run, step=step, config=config, model=model, variables=variables, meta=meta)
 

@@ -19,7 +19,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,20 +28,11 @@ import optax
 
 from jaxres import checkpoint as ckpt_lib
 from jaxres import device_augment, interrupts, losses, optim, parallel, plots, profiling, runs
+from jaxres import state as state_lib
 from jaxres import metrics as metrics_lib
 from jaxres.data import dali, loader, preprocessing, sources
-from jaxres.errors import CheckpointError, ConfigError, NonFiniteLossError, unknown_name
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training; saved whole in checkpoints."""
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    ema_params: Any  # {} when EMA is off.
+from jaxres.errors import ConfigError, NonFiniteLossError
+from jaxres.state import TrainState
 
 
 def train_step(
@@ -153,54 +143,6 @@ def validate(
     return {f"val_{k}": v for k, v in summary.items()}
 
 
-def init_state(
-    model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, rng: jax.Array
-) -> TrainState:
-    """A fresh TrainState (jitted with replicated out_shardings by the caller)."""
-    init_rng = jax.random.split(rng)[0]  # As when the state also kept an RNG: inits stay unchanged.
-    size = config.dataset.image_size
-    variables = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        ema_params=params if config.ema_decay else {},
-    )
-
-
-# A program that runs once (a fresh state, a model's initial weights): on CPU, compiling it
-# without XLA's backend (LLVM) optimisations is 2.5-3x faster (2-core AVX2: ResNet-50's fresh
-# state compile 21 s -> 8 s, run 0.8 s -> 3.5 s; the smoke model 4.9 s -> 1.5 s), nearly all of
-# it the threefry random-number code of the initialisers. Other platforms keep their defaults
-# (not measured there).
-_CPU_RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-def run_once(fn: Callable[..., Any], *args: Any, out_shardings: Any = None) -> Any:
-    """`fn(*args)` jitted, compiled for a program run once (see above), and run.
-
-    Args:
-      fn: a jax-traceable function, e.g. `functools.partial(model.init, train=False)`.
-      *args: its arguments (arrays; static ones go into `fn` with functools.partial).
-      out_shardings: as `jax.jit`'s; None leaves the outputs where jit puts them.
-    """
-    jitted = jax.jit(fn) if out_shardings is None else jax.jit(fn, out_shardings=out_shardings)
-    lowered = jitted.lower(*args)
-    on_cpu = jax.default_backend() == "cpu"
-    return lowered.compile(_CPU_RUN_ONCE_COMPILER_OPTIONS if on_cpu else None)(*args)
-
-
-def fresh_state(
-    model: nn.Module, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, rng: jax.Array,
-    mesh: jax.sharding.Mesh,
-) -> TrainState:
-    """`init_state`, compiled for a run-once program and replicated over `mesh`."""
-    init = functools.partial(init_state, model, tx, config)
-    return run_once(init, rng, out_shardings=parallel.replicated(mesh))
-
-
 def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """Train and validation sources, checked against `dataset.num_classes`."""
     train_source = sources.open_source(config.dataset, config.dataset.train_split)
@@ -234,115 +176,6 @@ def _check_finite(scalars: dict[str, float], first_step: int, last_step: int) ->
         )
 
 
-def restore_or_init(
-    config: ml_collections.ConfigDict,
-    checkpointer: ckpt_lib.Checkpointer,
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh,
-) -> TrainState:
-    """The starting state, in this order (`jaxres.checkpoint` documents it):
-
-    1. the newest checkpoint in the workdir (resume);
-    2. `config.resume_from=RUN[:STEP]`: that run's whole state at STEP (branch a run);
-    3. `config.init_from=RUN`: its params and batch stats, a fresh optimizer (fine-tune);
-    4. scratch.
-    """
-    rng = jax.random.key(config.seed)
-    init_fn = functools.partial(init_state, model, tx, config)
-    abstract = jax.eval_shape(init_fn, rng)
-    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    steps = checkpointer.all_steps()
-    if steps:  # The newest intact step: a damaged one is named and skipped.
-        fix = "use another --workdir (or --config.init_from=THAT_RUN to fine-tune from it)."
-        restore = functools.partial(
-            _restore_state, checkpointer, abstract=abstract, config=config, where="The workdir", fix=fix
-        )
-        step, state = ckpt_lib.restore_newest_intact(checkpointer, steps, restore)
-        checkpointer.set_aside_after(step)  # Damaged newer steps: training writes them anew.
-        return state
-    if config.resume_from:
-        run, which = runs.parse_run_and_step(config.resume_from)
-        source = runs.open_checkpoints(run)
-        try:
-            step = ckpt_lib.resolve_step(source, which)
-            fix = "resume_from needs a run of the same model.name and dataset.num_classes."
-            return _restore_state(source, step, abstract, config, f"resume_from={config.resume_from!r}", fix)
-        finally:
-            source.close()
-    state = fresh_state(model, tx, config, rng, mesh)
-    if config.init_from:
-        state = _load_init_from(config.init_from, state, mesh, config.init_fresh_head)
-    return state
-
-
-def _restore_state(
-    checkpointer: ckpt_lib.Checkpointer,
-    step: int,
-    abstract: TrainState,
-    config: ml_collections.ConfigDict,
-    where: str,
-    fix: str,
-) -> TrainState:
-    """The whole TrainState at `step`, into this mesh's shardings (any device or process count)."""
-    runs.check_same_model(checkpointer.restore_meta(step), config, where, fix)
-    metrics_lib.log_line(f"Resuming from {checkpointer.directory} step {step}.")
-    return checkpointer.restore(step, abstract)
-
-
-def _load_init_from(run: str, state: TrainState, mesh: jax.sharding.Mesh, fresh_head: bool = False) -> TrainState:
-    """Copies another run's params / batch stats in; a head of another shape (or any head,
-    with `fresh_head`) stays fresh."""
-    source = runs.open_checkpoints(run)
-    try:
-        step = ckpt_lib.resolve_step(source, "latest")
-        loaded = source.restore_params(step)
-    finally:
-        source.close()
-    extra = [
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_leaves_with_path(loaded["params"])
-        if _lookup(state.params, p) is None and "head" not in jax.tree_util.keystr(p)
-    ]
-    if extra:  # E.g. conv biases of a Keras import that this model config lacks.
-        raise CheckpointError(
-            f"init_from={run!r} has weights this model lacks, e.g. {', '.join(extra[:3])}; use the "
-            f"model.name and model.overrides of {run}/config.json."
-        )
-    fresh = []
-
-    def merge(path, new, old_tree):
-        key = jax.tree_util.keystr(path)
-        old = None if fresh_head and "head" in key else _lookup(old_tree, path)
-        if old is not None and old.shape == new.shape:
-            return jnp.asarray(old, new.dtype)
-        if old is not None and "head" not in key:
-            raise CheckpointError(
-                f"init_from={run!r}: {key} has shape {old.shape} there but {new.shape} here; "
-                "only the classifier head may differ. Is it the same model?"
-            )
-        fresh.append(key)
-        return new
-
-    params = jax.tree_util.tree_map_with_path(lambda p, x: merge(p, x, loaded["params"]), state.params)
-    stats = jax.tree_util.tree_map_with_path(lambda p, x: merge(p, x, loaded.get("batch_stats", {})), state.batch_stats)
-    if len(fresh) == len(jax.tree.leaves(state.params)) + len(jax.tree.leaves(state.batch_stats)):
-        raise CheckpointError(f"init_from={run!r} shares no parameter with model; is it the same architecture?")
-    metrics_lib.log_line(f"Initialised from {run} step {step}; fresh: {', '.join(fresh) or 'none'}.")
-    # `parallel.replicate`, not `device_put`: each process fills only its own devices.
-    return state.replace(params=parallel.replicate(params, mesh), batch_stats=parallel.replicate(stats, mesh))
-
-
-def _lookup(tree: Any, path: tuple) -> Any:
-    for entry in path:
-        key = getattr(entry, "key", None)
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Fails early, quoting the numbers, on settings that cannot work."""
     if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
@@ -363,33 +196,13 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
             f"config.dataset.repeated_aug={config.dataset.repeated_aug}: each image is read that many "
             "times in a row; use 1 (off) or more (RSB A1 / A2: 3)."
         )
-    if config.dataset.decoder not in dali.DECODERS:
-        raise ConfigError(unknown_name("config.dataset.decoder", config.dataset.decoder, dali.DECODERS))
-    if config.dataset.decoder == "dali":
-        dali.check_available()
-        if config.dataset.color_jitter:
-            raise ConfigError(
-                "config.dataset.color_jitter runs only on the CPU decoder; set "
-                "--config.dataset.decoder=cpu or --config.dataset.color_jitter=0."
-            )
+    dali.check_decoder(config.dataset)
     profiling.parse_profile_steps(config.profile_steps)
     device_augment.from_config(config.augment)  # Out-of-range values fail here, named.
     losses.check_loss(config.optimizer.loss, config.optimizer.bce_threshold)
     runs.build_model(config)  # Unknown model names / fields fail here, before data loading.
     if config.init_from:
-        _check_init_from_head(config)
-
-
-def _check_init_from_head(config: ml_collections.ConfigDict) -> None:
-    """An exported probe (`model.head_layer` / `head_hidden`) is fine-tuned with the same head."""
-    source = runs.read_config(config.init_from).model
-    for key in ("head_layer", "head_hidden"):
-        if source[key] != config.model[key] and not config.init_fresh_head:
-            raise ConfigError(
-                f"init_from={config.init_from!r} has model.{key}={source[key]!r}, this config "
-                f"{config.model[key]!r}; set --config.model.{key}={source[key]} to fine-tune its head "
-                "(or --config.init_fresh_head=true for a new one)."
-            )
+        state_lib.check_init_from_head(config)
 
 
 def make_step_fns(
@@ -465,7 +278,7 @@ def train_and_evaluate(
     preemption = interrupts.Preemption()
     writer = None
     try:
-        state = restore_or_init(config, checkpointer, model, tx, mesh)
+        state = state_lib.restore_or_init(config, checkpointer, model, tx, mesh)
         start = int(state.step)
         # Steps logged after the restored checkpoint (a crash, kill -9) are logged again: drop them.
         writer = metrics_lib.MetricWriter(workdir, resume_step=start)

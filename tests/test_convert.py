@@ -46,7 +46,8 @@ import numpy as np
 import pytest
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import models, parallel, runs, train
+from jaxres import models, parallel, runs
+from jaxres import state as state_lib
 from jaxres.convert import formats, importer
 from jaxres.errors import CheckpointError, ConfigError
 
@@ -433,10 +434,10 @@ def test_saved_groupnorm_run_restores_and_initialises_training(references, tmp_p
     x = jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
     params = jax.tree.map(lambda a: jnp.full(a.shape, 0.5, a.dtype), shapes)  # "Fresh" weights.
-    state = train.TrainState(
+    state = state_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats={}, opt_state={}, ema_params={},
     )  # fmt: skip
-    state = train._load_init_from(run, state, parallel.make_mesh())
+    state = state_lib.load_init_from(run, state, parallel.make_mesh())
     got = flax.traverse_util.flatten_dict(jax.device_get(state.params))
     want = flax.traverse_util.flatten_dict(converted.variables["params"])
     for key, value in got.items():

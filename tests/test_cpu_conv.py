@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxres import train
+from jaxres import parallel
 from jaxres.models import cpu_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -151,7 +151,7 @@ def test_the_model_uses_it_and_xla_backward_turns_it_off():
 
     model = models.create_model("resnet18", num_classes=4)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
-    variables = train.run_once(model.init, jax.random.key(0), x)  # Eager init: op by op, seconds.
+    variables = parallel.run_once(model.init, jax.random.key(0), x)  # Eager init: op by op, seconds.
 
     def grad_fn():  # A new function each time: jax caches traces per function.
         return jax.grad(lambda params: model.apply({**variables, "params": params}, x)[0].sum())

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import evaluate, predict, runs, train
+from jaxres import evaluate, parallel, predict, runs
 from jaxres.config_base import base_config
 from jaxres.data import loader, sources, transforms
 from jaxres.errors import CheckpointError, ConfigError
@@ -66,7 +66,7 @@ def make_run(root: str, config, seed: int = 0, step: int = 3, ema: bool = False)
     model = runs.build_model(config)
     size = config.dataset.image_size
     init = functools.partial(model.init, train=False)
-    variables = train.run_once(init, jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+    variables = parallel.run_once(init, jax.random.key(seed), jnp.zeros((1, size, size, 3)))
     params = jax.tree.map(np.asarray, dict(variables["params"]))
     rng = np.random.default_rng(seed)
     params["head"] = {

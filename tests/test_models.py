@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxres import train
+from jaxres import parallel
 from jaxres.errors import ConfigError
 from jaxres.models import ResNet, create_model, list_models
 from jaxres.models.resnet import EXPANSION, ResidualBlock, StdConv
@@ -98,7 +98,7 @@ def _init_and_step(name: str, dtype: str):
         (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
         return variables, model.apply(variables, x), loss, state, grads
 
-    return train.run_once(run, jax.random.key(0), x)  # Level-0 compile on CPU: half this test.
+    return parallel.run_once(run, jax.random.key(0), x)  # Level-0 compile on CPU: half this test.
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -143,15 +143,15 @@ def test_zero_init_last_makes_block_identity(preact, block):
     channels = 8 * EXPANSION[block]
     # Positive input: the v1.5 block's final ReLU is then the identity too.
     x = jnp.abs(jax.random.normal(jax.random.key(1), (2, 6, 6, channels))) + 0.1
-    out, _ = train.run_once(_block(preact, block, True).init_with_output, jax.random.key(0), x)
+    out, _ = parallel.run_once(_block(preact, block, True).init_with_output, jax.random.key(0), x)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
-    out, _ = train.run_once(_block(preact, block, False).init_with_output, jax.random.key(0), x)
+    out, _ = parallel.run_once(_block(preact, block, False).init_with_output, jax.random.key(0), x)
     assert not np.allclose(np.asarray(out), np.asarray(x))
 
 
 def test_zero_init_last_params_in_full_models():
     v2 = create_model("resnetv2_tiny", num_classes=10, zero_init_last=True)
-    params = train.run_once(v2.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = parallel.run_once(v2.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     assert not np.any(params["stage2_block1"]["conv2"]["kernel"])
     assert np.any(params["stage2_block1"]["conv1"]["kernel"])
 
@@ -164,7 +164,7 @@ def test_zero_init_last_params_in_full_models():
 def test_weight_standardised_conv_ignores_kernel_scale():
     conv = StdConv(4, (3, 3), use_bias=False)
     x = jax.random.normal(jax.random.key(1), (1, 5, 5, 3))
-    params = train.run_once(conv.init, jax.random.key(0), x)
+    params = parallel.run_once(conv.init, jax.random.key(0), x)
     scaled = jax.tree.map(lambda k: 3.0 * k + 0.5, params)
     apply = jax.jit(conv.apply)
     np.testing.assert_allclose(apply(params, x), apply(scaled, x), rtol=1e-4, atol=1e-4)

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxres import losses, models, optim, runs, train
+from jaxres import losses, models, optim, parallel, runs
 from jaxres.config_base import base_config
 from jaxres.convert import exporter
 from jaxres.errors import ConfigError
@@ -62,7 +62,7 @@ def test_drop_path_adds_no_parameters_and_is_identity_at_eval():
     x = _images()
     plain, dropped = _tiny(0.0), _tiny(0.5)
     # Jitted, here and below: run eagerly, every op would be compiled on its own (seconds).
-    variables = train.run_once(plain.init, jax.random.key(0), x)
+    variables = parallel.run_once(plain.init, jax.random.key(0), x)
     dropped_structure = jax.tree.structure(jax.eval_shape(dropped.init, jax.random.key(0), x))
     assert dropped_structure == jax.tree.structure(variables)
     want = jax.jit(plain.apply)(variables, x)[0]
@@ -76,7 +76,7 @@ def test_drop_path_adds_no_parameters_and_is_identity_at_eval():
 def test_train_mode_drop_path_needs_a_dropout_rng():
     x = _images()
     model = _tiny(0.2)
-    variables = train.run_once(model.init, jax.random.key(0), x)
+    variables = parallel.run_once(model.init, jax.random.key(0), x)
     # Traced only: the errors come from tracing, and eager applies compile op by op.
     train_apply = functools.partial(
         jax.eval_shape, functools.partial(model.apply, train=True, mutable=["batch_stats"])
@@ -112,7 +112,7 @@ def _block(rate: float) -> ResidualBlock:
 def test_drop_path_drops_whole_examples_and_keeps_the_expectation():
     rate, keep, draws = 0.3, 0.7, 4000
     x = jax.random.normal(jax.random.key(2), (4, 6, 6, 8))
-    variables = train.run_once(_block(0.0).init, jax.random.key(0), x)
+    variables = parallel.run_once(_block(0.0).init, jax.random.key(0), x)
     branch = np.asarray(jax.jit(functools.partial(_block(0.0).apply, train=True))(variables, x) - x)
     assert np.all(np.abs(branch).max(axis=(1, 2, 3)) > 0.1)  # Dropped and kept tell apart.
 
@@ -189,7 +189,7 @@ def test_drop_path_is_training_only_for_exports_and_checkpoints(tmp_path):
     )
 
     init = functools.partial(model.init, train=False)
-    variables = train.run_once(init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = parallel.run_once(init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     run = runs.write_run(str(tmp_path / "run"), config, jax.tree.map(np.asarray, variables))
     loaded = runs.load(run)  # Shapes checked against a model built with the rate.
     assert loaded.model.drop_path_rate == 0.05

@@ -12,6 +12,7 @@ import pytest
 from configs import demo
 from jaxres import checkpoint as ckpt_lib
 from jaxres import evaluate, optim, parallel, runs, train
+from jaxres import state as state_lib
 from jaxres.data import transforms
 from jaxres.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 
@@ -33,7 +34,7 @@ def _setup(config, devices):
     model = runs.build_model(config)
     schedule = optim.make_schedule(config.optimizer, config.batch_size, 8, 16)
     tx = optim.make_optimizer(config.optimizer, schedule)
-    state = train.fresh_state(model, tx, config, jax.random.key(0), mesh)
+    state = state_lib.fresh_state(model, tx, config, jax.random.key(0), mesh)
     step_fn, eval_fn = train.make_step_fns(config, model, tx, mesh)
     return mesh, state, step_fn, eval_fn
 
@@ -62,9 +63,9 @@ def _run_steps(config, devices, batches):
 def test_run_once_computes_fn_and_places_its_outputs():
     """The run-once compile (backend level 0 on CPU) changes how fast XLA compiles, not the result."""
     x = jnp.arange(12.0).reshape(3, 4)
-    np.testing.assert_array_equal(train.run_once(lambda a, b: a @ b.T + 1, x, x), x @ x.T + 1)
+    np.testing.assert_array_equal(parallel.run_once(lambda a, b: a @ b.T + 1, x, x), x @ x.T + 1)
     mesh = parallel.make_mesh()
-    out = train.run_once(lambda a: a * 2, x, out_shardings=parallel.replicated(mesh))
+    out = parallel.run_once(lambda a: a * 2, x, out_shardings=parallel.replicated(mesh))
     assert out.sharding.is_fully_replicated and len(out.sharding.device_set) == 8
     np.testing.assert_array_equal(out, x * 2)
 
@@ -144,7 +145,7 @@ def test_train_resume_and_checkpoint_policy(data_dir, tmp_path):
     model = runs.build_model(five)
     tx = optim.make_optimizer(five.optimizer, optim.make_schedule(five.optimizer, 32, 8, 16))
     target = ckpt_lib.Checkpointer(str(tmp_path / "five" / "checkpoints"))
-    fine = train.restore_or_init(five, target, model, tx, mesh)
+    fine = state_lib.restore_or_init(five, target, model, tx, mesh)
     target.close()
     source = parallel.fetch(state.params)
     np.testing.assert_array_equal(

@@ -17,6 +17,7 @@ from test_evaluate import make_run, run_config, write_folder
 from test_protocols import tiny_protocol
 
 from jaxres import evaluate, optim, parallel, predict, runs, train
+from jaxres import state as state_lib
 from jaxres.checkpoint import Checkpointer
 from jaxres.data import loader, sources
 from jaxres.errors import CheckpointError, ConfigError, DataError
@@ -89,7 +90,7 @@ def test_protocol_export_is_a_run_that_evaluate_predict_and_init_from_read(toy, 
     model = runs.build_model(ft)
     tx = optim.make_optimizer(ft.optimizer, optim.make_schedule(ft.optimizer, 8, 4, 8))
     target = Checkpointer(str(tmp_path / "ft" / "checkpoints"))
-    state = train.restore_or_init(ft, target, model, tx, mesh)
+    state = state_lib.restore_or_init(ft, target, model, tx, mesh)
     target.close()
     _, eval_fn = train.make_step_fns(ft, model, tx, mesh)
     start = train.validate(train.eval_variables(state, ft), eval_fn, sources.open_source(ft.dataset, "test"), ft, mesh)

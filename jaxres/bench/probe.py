@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxres import parallel, train
+from jaxres import parallel
 from jaxres.config_transfer import base_transfer_config
 from jaxres.transfer import probe, runner, sampling
 
@@ -293,7 +293,7 @@ def jax_features_speed(model_name: str, batch: int, size: int, steps: int, warmu
     config = config_base.base_config()
     config.model.name, config.dataset.image_size = model_name, size
     model = models.create_model(model_name, num_classes=1000, dtype="float32")
-    variables = train.run_once(
+    variables = parallel.run_once(
         functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, size, size, 3))
     )
     loaded = runs.LoadedRun(

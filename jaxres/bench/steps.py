@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxres import config_base, optim, parallel, runs, train
+from jaxres import state as state_lib
 from jaxres.data import loader
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -124,7 +125,7 @@ def _train_setup(config) -> tuple:
     net = runs.build_model(config)
     schedule = optim.make_schedule(config.optimizer, config.batch_size, 1000, 100000)
     tx = optim.make_optimizer(config.optimizer, schedule)
-    state = train.fresh_state(net, tx, config, jax.random.key(0), mesh)
+    state = state_lib.fresh_state(net, tx, config, jax.random.key(0), mesh)
     return (mesh, state, *train.make_step_fns(config, net, tx, mesh))
 
 

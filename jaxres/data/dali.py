@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from jaxres.data import transforms
-from jaxres.errors import ConfigError
+from jaxres.errors import ConfigError, unknown_name
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,19 @@ def check_available() -> None:
             f"config.dataset.decoder='dali' needs NVIDIA DALI ({e}); pip install -e '.[dali]' "
             "or use --config.dataset.decoder=cpu."
         ) from None
+
+
+def check_decoder(dataset: Any) -> None:
+    """Fails early, naming the fix, on a `dataset.decoder` that cannot run with these keys."""
+    if dataset.decoder not in DECODERS:
+        raise ConfigError(unknown_name("config.dataset.decoder", dataset.decoder, DECODERS))
+    if dataset.decoder == "dali":
+        check_available()
+        if dataset.color_jitter:
+            raise ConfigError(
+                "config.dataset.color_jitter runs only on the CPU decoder; set "
+                "--config.dataset.decoder=cpu or --config.dataset.color_jitter=0."
+            )
 
 
 class DaliDecoder:
