@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from test_cli import _env, _rows, _run, _train_cmd
@@ -18,7 +19,8 @@ from test_faults import REPO, _assert_each_step_once, _wait_for_step
 from test_train import smoke_config
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import evaluate, train
+from jaxres import evaluate, optim, parallel, runs, train
+from jaxres import state as state_lib
 from jaxres.data import embedded
 from jaxres.errors import CheckpointError
 
@@ -90,12 +92,24 @@ def _damage(workdir: str, step: int) -> None:
                     f.truncate(os.path.getsize(path) // 2)
 
 
-def test_damaged_newest_checkpoint_falls_back_with_a_warning(data_dir, trained_run, capsys):
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(data_dir, trained_run, capsys, tmp_path):
     _damage(trained_run, 16)
     result = evaluate.evaluate_run(trained_run, checkpoint="latest")
     assert result["step"] == 12
     out = capsys.readouterr().out
     assert "Warning: checkpoint step 16 in" in out and "trying the previous one" in out
+
+    # init_from reads the run as evaluation does: the same fallback; RUN:STEP picks a step.
+    for init_from, step in ((trained_run, 12), (f"{trained_run}:8", 8)):
+        five = smoke_config(data_dir, init_from=init_from, **{"dataset.num_classes": 5})
+        model = runs.build_model(five)
+        tx = optim.make_optimizer(five.optimizer, optim.make_schedule(five.optimizer, 32, 8, 16))
+        target = ckpt_lib.Checkpointer(str(tmp_path / f"five{step}" / "checkpoints"))
+        fine = state_lib.restore_or_init(five, target, model, tx, parallel.make_mesh())
+        target.close()
+        want = runs.load(trained_run, step, use_ema=False).variables["params"]["stem_conv"]["kernel"]
+        np.testing.assert_array_equal(parallel.fetch(fine.params)["stem_conv"]["kernel"], want)
+        assert f"Initialised from {trained_run} step {step}" in capsys.readouterr().out
 
     longer = smoke_config(data_dir, keep_latest=4, num_epochs=3)
     state = train.train_and_evaluate(longer, trained_run)  # Resumes from 12, not from scratch.
