@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxres.errors import CheckpointError
-from jaxres.metrics import log_line
+from jaxres.console import log_line
 
 BEST_METRIC = "val_top1"
 # What tensorstore / orbax say when a checkpoint's files are damaged or missing (not a mismatch).

@@ -46,14 +46,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
 def train_row(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """The training row: model, epochs and the run's MFU (median over its log steps), with the
     step-time breakdown beneath."""
-    from jaxres import profiling
+    from jaxres import flops, profiling
 
     length = f"{config.num_steps} steps" if config.num_steps else f"{config.num_epochs:g} epochs"
     what = f"train {config.model.name}, {length}"
     timing = profiling.run_timing(workdir)
     if "mfu" not in timing:
         return {"what": what}
-    peak = profiling.device_peak(config.model.dtype)
+    peak = flops.device_peak(config.model.dtype)
     detail = (
         f"  (median step {timing['step_s']:.3f} s: data {timing['data_s']:.3f} s, device "
         f"{timing['device_s']:.3f} s, input wait {100 * timing['input_wait']:.0f}%; MFU against {peak.label})"

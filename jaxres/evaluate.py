@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxres import metrics, parallel, runs
+from jaxres import console, metrics, parallel, runs
+from jaxres.console import log_line
 from jaxres.data import preprocessing, sources
 from jaxres.errors import ConfigError
-from jaxres.metrics import log_line
 
 CROPS_TO_VIEWS = {1: "center", 10: "10crop"}
 
@@ -96,7 +96,7 @@ class Ensemble:
         """Per-example probabilities [N, C] and masks [N] (0: undecodable), in source order."""
         num, batches = self.batches(source, views, batch_size)
         probs, masks = [], []
-        for batch in metrics.progress_bar(batches, num, "predict"):
+        for batch in console.progress_bar(batches, num, "predict"):
             probs.append(np.exp(parallel.gather_rows(self.log_probs_fn(self.variables, batch["image"]))))
             masks.append(parallel.gather_rows(batch["mask"]))
         return np.concatenate(probs)[: len(source)], np.concatenate(masks)[: len(source)]
@@ -104,7 +104,7 @@ class Ensemble:
     def score(self, source: Any, views: str, batch_size: int, num_workers: int = 0) -> dict[str, Any]:
         """count, top-1, top-5, mean per-class accuracy and loss over every example of `source`."""
         num, batches = self.batches(source, views, batch_size, num_workers)
-        total = metrics.sum_over_batches(self.sums_fn, self.variables, metrics.progress_bar(batches, num, "eval"))
+        total = metrics.sum_over_batches(self.sums_fn, self.variables, console.progress_bar(batches, num, "eval"))
         return metrics.summarize_sums(total)
 
 

@@ -1,4 +1,5 @@
-"""Training metrics (clu), and the one writer: metrics.jsonl, TensorBoard, console.
+"""Training metrics (clu), and the one writer: metrics.jsonl and TensorBoard (the console:
+`jaxres.console`).
 
 Only process 0 writes. Metric names carry their split as a prefix where it
 is not training (`val_top1`, `val_top5`, `val_loss`).
@@ -9,8 +10,7 @@ is not training (`val_top1`, `val_top5`, `val_loss`).
 import json
 import os
 import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax
@@ -195,67 +195,3 @@ def _to_python(v: Any) -> Any:
         v = np.asarray(v)
         return v.item() if v.size == 1 else v.tolist()
     return v
-
-
-class Throughput:
-    """Images/s since the last report and an ETA, printed as one console line."""
-
-    def __init__(self, total_steps: int, start_step: int, images_per_step: int, steps_per_epoch: int):
-        self.total_steps = total_steps
-        self.images_per_step = images_per_step
-        self.steps_per_epoch = steps_per_epoch
-        self._last_step = start_step
-        self._last_time = time.perf_counter()
-
-    def update(self, step: int) -> dict[str, float]:
-        """Throughput since the previous call (the clock excludes nothing: honest)."""
-        now = time.perf_counter()
-        steps = max(1, step - self._last_step)
-        seconds = max(1e-9, now - self._last_time)
-        self._last_step, self._last_time = step, now
-        img_per_sec = steps * self.images_per_step / seconds
-        eta = (self.total_steps - step) * seconds / steps
-        return {"img_per_sec": img_per_sec, "eta_s": eta}
-
-    def line(self, step: int, scalars: Mapping[str, Any], extra: str = "") -> str:
-        """`step N/M | epoch | name value ... | extra | ETA h:mm:ss` (`extra`: preformatted)."""
-        epoch = step / self.steps_per_epoch
-        eta = scalars.get("eta_s", 0.0)
-        parts = [f"step {step}/{self.total_steps}", f"epoch {epoch:.2f}"]
-        parts += [f"{k} {v:.4g}" for k, v in scalars.items() if k not in ("eta_s", "epoch") and isinstance(v, float)]
-        parts += [extra] if extra else []
-        parts.append(f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-        return " | ".join(parts)
-
-
-def log_line(text: str) -> None:
-    """Console output from process 0 only."""
-    if jax.process_index() == 0:
-        print(text, flush=True)
-
-
-PROGRESS_LINE_SECONDS = 15.0  # Without a terminal: one progress line this often.
-
-
-def progress_bar(iterable: Iterable, total: int, desc: str, unit: str = "batch") -> Iterator:
-    """Progress of a long loop on process 0: a tqdm bar on a terminal, else a line every 15 s.
-
-    Logs and CI capture stderr without a terminal, where a bar does not draw; the
-    periodic lines keep a long evaluation or feature pass from looking hung.
-    """
-    if jax.process_index() != 0:
-        yield from iterable
-        return
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, mininterval=1.0)
-        return
-    start = last = time.perf_counter()
-    for done, item in enumerate(iterable, 1):
-        yield item
-        now = time.perf_counter()
-        if now - last >= PROGRESS_LINE_SECONDS and done < total:
-            last = now
-            print(f"{desc}: {done} of {total} ({100 * done // max(total, 1)}%), {now - start:.0f} s",
-                  file=sys.stderr, flush=True)

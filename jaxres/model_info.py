@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxres import profiling
+from jaxres import flops as flops_lib
 
 
 def summarize(
@@ -34,7 +34,7 @@ def summarize(
       forward FLOPs per image)}), layers ({name: output shape of one example}) and, with
       `xla`, xla_forward_flops, xla_train_flops (per image) and activation_bytes (per example).
     """
-    cost = profiling.model_cost(model, image_size)
+    cost = flops_lib.model_cost(model, image_size)
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     forward = functools.partial(model.apply, train=False)
     _, features = jax.eval_shape(forward, cost.variables, x)
@@ -44,13 +44,13 @@ def summarize(
         "groups": cost.groups,
         "layers": {
             name: tuple(features[name].shape[1:])
-            for name in sorted(features, key=profiling.network_order)
+            for name in sorted(features, key=flops_lib.network_order)
         },
         "image_size": image_size,
         "batch_size": batch_size,
     }
     if xla:
-        info["xla_forward_flops"] = profiling.xla_flops(
+        info["xla_forward_flops"] = flops_lib.xla_flops(
             jax.jit(lambda v, x: forward(v, x)[0]).lower(cost.variables, x)
         )
         info.update(_train_memory(model, cost.variables, image_size, batch_size))
@@ -78,7 +78,7 @@ def _train_memory(model: Any, variables: Any, image_size: int, batch_size: int) 
         ).compile()
         memory = compiled.memory_analysis()
         temps[b] = memory.temp_size_in_bytes if memory is not None else None
-        flops = profiling.xla_flops(compiled)
+        flops = flops_lib.xla_flops(compiled)
         flops = flops / b if flops else None
     small, large = min(temps), max(temps)
     if None in temps.values():

@@ -40,7 +40,7 @@ from jaxres import models
 from jaxres.config_base import base_config
 from jaxres.data import preprocessing, sources
 from jaxres.errors import CheckpointError, ConfigError, JaxresError
-from jaxres.metrics import log_line
+from jaxres.console import log_line
 
 CHECKPOINT_NAMES = ("latest", "best")
 CONFIG_FILE = "config.json"

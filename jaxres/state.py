@@ -26,7 +26,7 @@ import optax
 from jaxres import checkpoint as ckpt_lib
 from jaxres import parallel, runs
 from jaxres.errors import CheckpointError, ConfigError
-from jaxres.metrics import log_line
+from jaxres.console import log_line
 
 
 @flax.struct.dataclass

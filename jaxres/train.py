@@ -27,9 +27,9 @@ import numpy as np
 import optax
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import device_augment, interrupts, losses, optim, parallel, plots, profiling, runs
-from jaxres import state as state_lib
+from jaxres import console, device_augment, interrupts, losses, optim, parallel, plots, profiler, profiling, runs
 from jaxres import metrics as metrics_lib
+from jaxres import state as state_lib
 from jaxres.data import dali, loader, preprocessing, sources
 from jaxres.errors import ConfigError, NonFiniteLossError
 from jaxres.state import TrainState
@@ -197,7 +197,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
             "times in a row; use 1 (off) or more (RSB A1 / A2: 3)."
         )
     dali.check_decoder(config.dataset)
-    profiling.parse_profile_steps(config.profile_steps)
+    profiler.parse_profile_steps(config.profile_steps)
     device_augment.from_config(config.augment)  # Out-of-range values fail here, named.
     losses.check_loss(config.optimizer.loss, config.optimizer.bce_threshold)
     runs.build_model(config)  # Unknown model names / fields fail here, before data loading.
@@ -240,7 +240,7 @@ def _schedule_and_optimizer(
 
 def _write_eval(writer: metrics_lib.MetricWriter, step: int, steps_per_epoch: int, eval_metrics: dict) -> None:
     writer.write(step, dict(eval_metrics, epoch=step / steps_per_epoch))
-    metrics_lib.log_line(
+    console.log_line(
         f"eval step {step}: top1 {eval_metrics['val_top1']:.4f} top5 {eval_metrics['val_top5']:.4f} "
         f"loss {eval_metrics['val_loss']:.4f} over {eval_metrics['val_count']} images"
     )
@@ -282,7 +282,7 @@ def train_and_evaluate(
         start = int(state.step)
         # Steps logged after the restored checkpoint (a crash, kill -9) are logged again: drop them.
         writer = metrics_lib.MetricWriter(workdir, resume_step=start)
-        metrics_lib.log_line(
+        console.log_line(
             f"{config.model.name}: {len(train_source)} train / {len(val_source)} val images, "
             f"{steps_per_epoch} steps/epoch, steps {start}..{total_steps}, {mesh.devices.size} devices, "
             f"{jax.process_count()} process(es)."
@@ -298,7 +298,7 @@ def train_and_evaluate(
         if start < total_steps:  # Compiled here, found cached by the loop; one line says what a step costs.
             batches = profiling.compile_and_describe(step_fn, state, batches, timer, cost, config)
         loop = _Loop(config, checkpointer, writer, schedule, steps_per_epoch, total_steps, start, timer)
-        window = profiling.ProfileWindow(config.profile_steps, os.path.join(workdir, "tb"))
+        window = profiler.ProfileWindow(config.profile_steps, os.path.join(workdir, "tb"))
         # Before `finally`: closing would wait for the dead.
         with interrupts.exit_if_a_peer_is_lost(), contextlib.closing(window):
             state = loop.run(state, batches, step_fn, evaluate, preemption, window)
@@ -308,7 +308,7 @@ def train_and_evaluate(
         if writer is not None:
             writer.close()
     if jax.process_index() == 0 and plots.write_curves([workdir], os.path.join(workdir, "curves.png")):
-        metrics_lib.log_line(f"Training curves: {os.path.join(workdir, 'curves.png')}")
+        console.log_line(f"Training curves: {os.path.join(workdir, 'curves.png')}")
     return state
 
 
@@ -321,8 +321,7 @@ class _Loop:
         # Jitted: evaluated eagerly, each of the schedule's jnp ops would be compiled on its own.
         self.config, self.checkpointer, self.writer, self.schedule = config, checkpointer, writer, jax.jit(schedule)
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-        self.progress = metrics_lib.Throughput(total_steps, start, config.batch_size, steps_per_epoch)
-        self.timer = timer  # profiling.StepTimer: input wait vs device time, MFU.
+        self.timer = timer  # profiling.StepTimer: the one clock (input wait, device time, MFU, ETA).
         self.pending, self.pending_from = None, start
 
     def run(
@@ -353,23 +352,24 @@ class _Loop:
                     self.save(step, state)
                 self.checkpointer.wait()
                 reason = preemption.reason()
-                metrics_lib.log_line(f"{reason}: saved step {step}; re-run the same command to resume.")
+                console.log_line(f"{reason}: saved step {step}; re-run the same command to resume.")
                 break
         return state
 
     def log(self, step: int) -> None:
         """Train metrics since the last log step -> metrics.jsonl, TensorBoard, the console."""
-        timing = self.timer.summary()  # First: the log's own time is not a step's.
+        timing = self.timer.summary(self.total_steps - step)  # First: the log's own time is not a step's.
         scalars = {k: float(v) for k, v in self.pending.compute().items()}
         _check_finite(scalars, self.pending_from, step)
         lr = float(self.schedule(step - 1))
-        scalars.update(epoch=step / self.steps_per_epoch, lr=lr, **self.progress.update(step), **timing)
+        scalars.update(epoch=step / self.steps_per_epoch, lr=lr, **timing)
         self.writer.write(step, scalars)
-        shown = {k: v for k, v in scalars.items() if k not in timing}
-        metrics_lib.log_line(self.progress.line(step, shown, extra=self.timer.format(timing)))
+        shown = {k: v for k, v in scalars.items() if k not in profiling.TIMING_KEYS}  # + img/s, ETA.
+        line = console.progress_line(step, self.total_steps, self.steps_per_epoch, shown, self.timer.format(timing))
+        console.log_line(line)
         warning = self.timer.input_warning(timing, self.config.dataset)
         if warning:
-            metrics_lib.log_line(warning)
+            console.log_line(warning)
         self.pending, self.pending_from = None, step
 
     def save(self, step: int, state: TrainState, eval_metrics: dict | None = None) -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from configs import demo
 from jaxres import metrics as metrics_lib
-from jaxres import model_info, parallel, plots, profiling, train
+from jaxres import flops, model_info, parallel, plots, profiler, profiling, train
 from jaxres.errors import ConfigError
 from jaxres.models import create_model
 
@@ -56,12 +56,12 @@ def test_resnet50_flops_match_the_published_count_and_xla():
     """4.1 G multiply-adds = 8.2 GFLOPs at 224 (He et al.; torchvision 4.09 GMACs), counted
     from the jaxpr and, independently, by XLA's cost analysis (lowered only, no compile)."""
     model = create_model("resnet50", num_classes=1000)
-    cost = profiling.model_cost(model, 224)
+    cost = flops.model_cost(model, 224)
     assert cost.forward_flops == pytest.approx(8.2e9, rel=0.05)
     assert cost.train_flops == 3 * cost.forward_flops
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
     lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)[0]).lower(cost.variables, x)
-    xla = profiling.xla_flops(lowered)
+    xla = flops.xla_flops(lowered)
     assert xla == pytest.approx(8.2e9, rel=0.05)
     assert xla == pytest.approx(cost.forward_flops, rel=0.05)  # XLA skips the zero-padding taps.
     stages = [cost.groups[f"stage{s}"][1] for s in range(1, 5)]
@@ -72,7 +72,7 @@ def test_scan_bodies_count_once_per_trip():
     def f(x, w):
         return jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0]
 
-    counts = profiling.count_flops(f, jnp.ones((2, 8)), jnp.ones((8, 8)))
+    counts = flops.count_flops(f, jnp.ones((2, 8)), jnp.ones((8, 8)))
     assert sum(counts.values()) == 5 * 2 * 2 * 8 * 8
 
 
@@ -174,23 +174,23 @@ def test_a_bad_profile_window_is_one_line_naming_the_format(text):
 
 
 def test_profile_steps_parse():
-    assert profiling.parse_profile_steps("") is None
-    assert profiling.parse_profile_steps("3:4") == (3, 4)
-    assert profiling.parse_profile_steps(" 7 : 7 ") == (7, 7)
+    assert profiler.parse_profile_steps("") is None
+    assert profiler.parse_profile_steps("3:4") == (3, 4)
+    assert profiler.parse_profile_steps(" 7 : 7 ") == (7, 7)
 
 
 def test_peak_table_and_the_cpu_sgemm():
-    assert profiling.peak_for_kind("NVIDIA H100 80GB HBM3", "bfloat16").flops == 989e12
-    assert profiling.peak_for_kind("NVIDIA H200", "bfloat16").flops == 989e12
-    assert profiling.peak_for_kind("NVIDIA H100 PCIe", "bfloat16").flops == 756e12
-    assert profiling.peak_for_kind("NVIDIA A100-SXM4-80GB", "bfloat16").flops == 312e12
-    assert profiling.peak_for_kind("NVIDIA A100-SXM4-80GB", "float32").flops == 156e12
-    assert profiling.peak_for_kind("NVIDIA L40S", "bfloat16").flops == 362e12  # Not the L4.
-    assert profiling.peak_for_kind("Unknown GPU", "bfloat16").flops is None
-    peak = profiling.device_peak("float32")  # CPU: the measured sgemm, split over the devices.
+    assert flops.peak_for_kind("NVIDIA H100 80GB HBM3", "bfloat16").flops == 989e12
+    assert flops.peak_for_kind("NVIDIA H200", "bfloat16").flops == 989e12
+    assert flops.peak_for_kind("NVIDIA H100 PCIe", "bfloat16").flops == 756e12
+    assert flops.peak_for_kind("NVIDIA A100-SXM4-80GB", "bfloat16").flops == 312e12
+    assert flops.peak_for_kind("NVIDIA A100-SXM4-80GB", "float32").flops == 156e12
+    assert flops.peak_for_kind("NVIDIA L40S", "bfloat16").flops == 362e12  # Not the L4.
+    assert flops.peak_for_kind("Unknown GPU", "bfloat16").flops is None
+    peak = flops.device_peak("float32")  # CPU: the measured sgemm, split over the devices.
     assert "measured sgemm" in peak.label and peak.short == "sgemm"
-    assert peak.flops == pytest.approx(profiling.host_sgemm_flops() / jax.local_device_count())
-    assert 1e9 < profiling.host_sgemm_flops() < 1e14
+    assert peak.flops == pytest.approx(flops.host_sgemm_flops() / jax.local_device_count())
+    assert 1e9 < flops.host_sgemm_flops() < 1e14
 
 
 @flax.struct.dataclass
@@ -246,7 +246,7 @@ def test_the_breakdown_adds_no_host_sync_between_log_steps(tmp_path):
         previous[0] = s.w
         return s, m
 
-    timer = profiling.StepTimer(1e9, profiling.Peak(1e12, "test", "peak"), 1)
+    timer = profiling.StepTimer(1e9, flops.Peak(1e12, "test", "peak"), 1)
     writer = metrics_lib.MetricWriter(str(tmp_path), enabled=True, tensorboard=False)
     loop = train._Loop(config, _NoCheckpoints(), writer, lambda s: 0.1, 100, 8, 0, timer)
     batches = iter([np.zeros(4, np.float32)] * 8)
@@ -254,7 +254,7 @@ def test_the_breakdown_adds_no_host_sync_between_log_steps(tmp_path):
     def evaluate(s):
         return {"val_top1": 0.0, "val_top5": 0.0, "val_loss": 0.0, "val_count": 0}
 
-    window = profiling.ProfileWindow("", "")
+    window = profiler.ProfileWindow("", "")
     with contextlib.redirect_stdout(io.StringIO()):
         loop.run(state, batches, step_fn, evaluate, _NoPreemption(), window)
     writer.close()
@@ -279,7 +279,7 @@ def test_an_input_bound_run_warns_naming_the_fixes():
     time; from the fourth log interval (the first is start-up) a warning names the fixes."""
     step_fn = jax.jit(lambda s, b: (s + b.sum(), {"loss": s}))
     dataset = demo.get_config("").dataset
-    timer = profiling.StepTimer(1e9, profiling.Peak(None, "unknown", "peak"), 1)
+    timer = profiling.StepTimer(1e9, flops.Peak(None, "unknown", "peak"), 1)
     batches, state, warnings = _slow_batches(0.04), jnp.zeros(()), []
     # Compiled before timing: on a loaded host the compile could outweigh the first waits.
     jax.block_until_ready(step_fn(state, np.zeros(4, np.float32)))
@@ -297,7 +297,7 @@ def test_an_input_bound_run_warns_naming_the_fixes():
 
 def test_a_fed_run_does_not_warn():
     step_fn = jax.jit(lambda s, b: (s + b.sum(), {"loss": s}))
-    timer = profiling.StepTimer(1e9, profiling.Peak(1e12, "test", "peak"), 1)
+    timer = profiling.StepTimer(1e9, flops.Peak(1e12, "test", "peak"), 1)
     batches, state = iter([np.zeros(4, np.float32)] * 100), jnp.zeros(())
     for _ in range(6):
         for i in range(4):
@@ -325,3 +325,21 @@ def test_confusion_matrix_is_labelled_and_lists_pairs_for_many_classes(tmp_path)
     assert counts.tolist() == [[1, 1], [2, 1]]
     pairs = plots.most_confused(counts, ["a", "b"])
     assert pairs[0].split() == ["2", "b", "->", "a", "(67%)"] and len(pairs) == 2
+
+
+def test_one_clock_gives_throughput_without_pauses_and_an_eta_with_them():
+    """img/s counts training time only (evaluation paused out); the ETA counts everything."""
+    step_fn = jax.jit(lambda s, b: (s + b.sum(), {"loss": s}))
+    timer = profiling.StepTimer(1e9, flops.Peak(None, "unknown", "peak"), 1, images_per_step=32)
+    batches, state = _slow_batches(0.02), jnp.zeros(())
+    jax.block_until_ready(step_fn(state, np.zeros(4, np.float32)))
+    start = time.perf_counter()
+    for i in range(4):
+        state, _ = timer.step(step_fn, state, timer.next_batch(batches), sample=i == 3)
+    with timer.paused(state):
+        time.sleep(0.2)  # An evaluation.
+    timing = timer.summary(steps_left=8)
+    elapsed = time.perf_counter() - start
+    assert timing["img_per_sec"] == pytest.approx(32 / timing["step_s"])
+    assert 4 * timing["step_s"] <= elapsed - 0.2  # The pause is not step time...
+    assert timing["eta_s"] >= 8 * (timing["step_s"] + 0.2 / 4)  # ...but the rest of the run has them too.

@@ -46,11 +46,11 @@ _CPU_DETAILS: dict[str, Any] = {}
 def cpu_details() -> dict[str, Any]:
     """What a CPU figure depends on: CPU model, AVX-512 yes/no, cores, measured sgemm GFLOP/s.
 
-    The sgemm rate (`profiling.host_sgemm_flops`, 0.15 s on 2 cores) is measured once per
+    The sgemm rate (`flops.host_sgemm_flops`, 0.15 s on 2 cores) is measured once per
     process; on a shared host it also tells how contended the cores were.
     """
     if not _CPU_DETAILS:
-        from jaxres import profiling
+        from jaxres import flops
 
         model, cpu_flags = platform.processor() or platform.machine(), set()
         try:
@@ -68,7 +68,7 @@ def cpu_details() -> dict[str, Any]:
             cpu_model=model,
             avx512=any(flag.startswith("avx512") for flag in cpu_flags),
             cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            sgemm_gflops=round(profiling.host_sgemm_flops() / 1e9, 1),
+            sgemm_gflops=round(flops.host_sgemm_flops() / 1e9, 1),
         )
     return dict(_CPU_DETAILS)
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from jaxres.data import transforms
-from jaxres.metrics import progress_bar
+from jaxres.console import progress_bar
 
 
 def dataset_statistics(source: Any, max_images: int = 1000, seed: int = 0) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from jaxres import parallel, runs
 from jaxres.config_transfer import DEFAULT_LAYER
 from jaxres.data import preprocessing
 from jaxres.errors import ConfigError, unknown_name
-from jaxres.metrics import progress_bar
+from jaxres.console import progress_bar
 
 CACHE_FORMAT = 1
 

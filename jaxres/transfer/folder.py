@@ -32,7 +32,7 @@ from jaxres.config_base import base_config
 from jaxres.config_transfer import DEFAULT_LAYER, base_transfer_config
 from jaxres.data import embedded, sources
 from jaxres.errors import CheckpointError, ConfigError, DataError
-from jaxres.metrics import log_line
+from jaxres.console import log_line
 from jaxres.transfer import export, features, probe, runner
 
 HEADS = ("logistic", "ridge", "mlp")

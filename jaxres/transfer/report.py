@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from jaxres import plots
-from jaxres.metrics import log_line
+from jaxres.console import log_line
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:

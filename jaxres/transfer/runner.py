@@ -24,7 +24,7 @@ from jaxres import parallel, runs
 from jaxres.config_transfer import base_transfer_config
 from jaxres.data import sources
 from jaxres.errors import ConfigError, unknown_name
-from jaxres.metrics import log_line
+from jaxres.console import log_line
 from jaxres.transfer import export, features, mlp_head, probe, report, sampling
 from jaxres.transfer.sampling import KINDS, parse_list
 

@@ -143,7 +143,7 @@ def _write_split(
     from array_record.python.array_record_module import ArrayRecordWriter
 
     # Imported here, not at the top: the spawned workers import this module and need no JAX.
-    from jaxres.metrics import progress_bar
+    from jaxres.console import progress_bar
 
     n = len(source)
     if n == 0:
