@@ -34,6 +34,6 @@ for bs in 256 1024; do
 done
 # End to end: JPEG records -> grain (16 host cores) -> train step, vs synthetic in the same call.
 python scripts/benchmark.py --what e2e --model resnetv2_50 --batch_size 256 --dtype bfloat16 --num_workers 16 --steps 50
-# The same with JPEG decoding by DALI on the GPU (config.dataset.decoder=dali, extra [dali]):
+# The same with JPEG decoding by DALI on the GPU (config.input.decoder=dali, extra [dali]):
 # grain's 16 workers only draw crop boxes; nvJPEG + the hardware JPEG engines decode.
 python scripts/benchmark.py --what e2e --model resnetv2_50 --batch_size 256 --dtype bfloat16 --num_workers 16 --steps 50 --decoder dali

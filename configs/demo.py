@@ -48,11 +48,11 @@ def get_config(arg: str = ""):
     c.dataset.num_classes = 10
     c.dataset.image_size = 32
     c.dataset.eval_crop_ratio = 1.0  # The digits fill the frame: no centre crop.
-    c.dataset.crop_min_area = 0.5  # Milder than ImageNet's 0.08: an 8% crop of a digit is a stroke.
-    c.dataset.flip = False  # A mirrored 2 is not a 2.
+    c.augment.crop_min_area = 0.5  # Milder than ImageNet's 0.08: an 8% crop of a digit is a stroke.
+    c.augment.flip = False  # A mirrored 2 is not a 2.
     c.dataset.mean = (0.25 * 255,) * 3
     c.dataset.std = (0.35 * 255,) * 3
-    c.dataset.num_workers = 0  # Decoding 32x32 JPEGs is cheap; worker processes cost more than they save.
+    c.input.num_workers = 0  # Decoding 32x32 JPEGs is cheap; worker processes cost more than they save.
 
     c.optimizer.base_lr = 0.4  # x 32 / 256 = 0.05 peak.
     c.optimizer.weight_decay = 5e-4  # Small data: more regularisation than ImageNet.

@@ -57,8 +57,8 @@ def get_config(arg: str = "a1"):
     c.dataset.image_size = r["size"]
     c.dataset.eval_image_size = 224
     c.dataset.eval_crop_ratio = 0.95
-    c.dataset.randaugment = f"rand-m{r['magnitude']}-mstd0.5-inc1"
-    c.dataset.repeated_aug = r["repeats"]
+    c.augment.randaugment = f"rand-m{r['magnitude']}-mstd0.5-inc1"
+    c.augment.repeated_aug = r["repeats"]
 
     c.augment.mixup_alpha = r["mixup"]
     c.augment.cutmix_alpha = 1.0
@@ -71,9 +71,9 @@ def get_config(arg: str = "a1"):
     c.optimizer.grad_clip_norm = 1.0  # timm's Lamb clips at global norm 1 by default.
     c.optimizer.warmup_epochs = 5.0
     c.optimizer.schedule = "cosine"
-    c.optimizer.label_smoothing = r["smoothing"]
-    c.optimizer.loss = "bce"
-    c.optimizer.bce_threshold = 0.2
+    c.loss.label_smoothing = r["smoothing"]
+    c.loss.name = "bce"
+    c.loss.bce_threshold = 0.2
 
     if smoke:
         c.batch_size = c.eval_batch_size = 32

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from absl import flags
 from absl import logging as absl_logging
 
-from jaxres.config_base import CACHE_DIR
+from jaxres.config_base import CACHE_DIR, MOVED_KEYS
 from jaxres.errors import JaxresError
 
 # Executables that compiled faster than this are not worth a disk entry.
@@ -66,6 +66,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     if any(arg in HELP_ARGS for arg in argv[1:]):
         print_help()
         sys.exit(0)
+    argv = moved_config_keys(argv)
     try:
         remaining = flags.FLAGS(argv)
         _load_config_files()
@@ -81,6 +82,21 @@ def parse_flags(argv: list[str]) -> list[str]:
         parallel.use_one_cpu_device_per_core()
     use_compilation_cache(flags.FLAGS.compilation_cache)
     return remaining
+
+
+def moved_config_keys(argv: list[str]) -> list[str]:
+    """`argv` with each `--config.OLD` key that moved (`config_base.MOVED_KEYS`) spelled at its
+    new place, saying so once per key: command lines written before the move still run."""
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        old = flag[len("--config.") :] if flag.startswith("--config.") else ""
+        if old in MOVED_KEYS:
+            new = MOVED_KEYS[old]
+            print(f"jaxres: config.{old} is now config.{new}; read as --config.{new}.", file=sys.stderr)
+            arg = f"--config.{new}{sep}{value}"
+        out.append(arg)
+    return out
 
 
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort")

@@ -6,7 +6,9 @@ is a bug, and an unknown `--config.key=value` on the command line is refused.
 
 from __future__ import annotations
 
+import copy
 import os
+from typing import Any
 
 import ml_collections
 
@@ -48,36 +50,49 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.val_split = "validation"
     c.dataset.num_classes = 1000
     c.dataset.image_size = 224
-    c.dataset.crop_min_area = 0.08  # Inception random-resized-crop area range [min, 1].
-    c.dataset.flip = True
     c.dataset.eval_crop_ratio = 0.875  # Resize to size / ratio, then centre-crop.
     c.dataset.eval_image_size = 0  # Evaluation size; 0 = image_size (RSB A3: train 160, test 224).
-    c.dataset.color_jitter = 0.0  # Brightness/contrast/saturation factors in [1-s, 1+s], random order; 0 = off.
-    # timm RandAugment string, e.g. "rand-m7-mstd0.5-inc1" (jaxres/data/randaugment.py); "" = off.
-    c.dataset.randaugment = ""
-    # Repeated augmentation (timm RepeatAugSampler): each image this many times in a row of the
-    # stream, differently augmented; an epoch stays len(train) images. 1 = off.
-    c.dataset.repeated_aug = 1
-    c.dataset.decode_reduced = True  # Decode JPEGs at 1/2, 1/4, 1/8 size when the crop still covers the output.
-    # keep | skip: a truncated JPEG decoded as far as its data goes, or masked like an undecodable one.
-    c.dataset.truncated = "keep"
     c.dataset.mean = IMAGENET_MEAN
     c.dataset.std = IMAGENET_STD
-    # "cpu": decode + augment in the grain workers. "dali": the workers only draw the crops,
-    # NVIDIA DALI decodes them (on the GPU when there is one); extra [dali].
-    c.dataset.decoder = "cpu"
-    c.dataset.num_workers = 8  # grain worker processes per host (0 = in-process).
     c.dataset.train_limit = 0  # Use only the first N train / val examples (0 = all): smoke runs.
     c.dataset.val_limit = 0
 
-    # Batch augmentation on the device, inside the jitted step (jaxres/device_augment.py), as timm
-    # `Mixup` (mode "batch": one lambda per device shard) and `RandomErasing` (mode "pixel").
+    # How stored images are read (jaxres/data/loader.py): decoding and worker processes.
+    c.input = ml_collections.ConfigDict()
+    # "cpu": decode + augment in the grain workers. "dali": the workers only draw the crops,
+    # NVIDIA DALI decodes them (on the GPU when there is one); extra [dali].
+    c.input.decoder = "cpu"
+    c.input.decode_reduced = True  # Decode JPEGs at 1/2, 1/4, 1/8 size when the crop still covers the output.
+    # keep | skip: a truncated JPEG decoded as far as its data goes, or masked like an undecodable one.
+    c.input.truncated = "keep"
+    c.input.num_workers = 8  # grain worker processes per host (0 = in-process).
+
+    # Augmentation of training images: on the host, per image, in the grain workers (crop, flip,
+    # colour, RandAugment, repeats), then on the device, per batch, inside the jitted step
+    # (jaxres/device_augment.py), as timm `Mixup` (mode "batch": one lambda per device shard)
+    # and `RandomErasing` (mode "pixel").
     c.augment = ml_collections.ConfigDict()
+    c.augment.crop_min_area = 0.08  # Inception random-resized-crop area range [min, 1].
+    c.augment.flip = True
+    c.augment.color_jitter = 0.0  # Brightness/contrast/saturation factors in [1-s, 1+s], random order; 0 = off.
+    # timm RandAugment string, e.g. "rand-m7-mstd0.5-inc1" (jaxres/data/randaugment.py); "" = off.
+    c.augment.randaugment = ""
+    # Repeated augmentation (timm RepeatAugSampler): each image this many times in a row of the
+    # stream, differently augmented; an epoch stays len(train) images. 1 = off.
+    c.augment.repeated_aug = 1
     c.augment.mixup_alpha = 0.0  # Beta(alpha, alpha) mixing of each image with the flipped batch; 0 = off.
     c.augment.cutmix_alpha = 0.0  # CutMix box area from Beta(alpha, alpha); 0 = off.
     c.augment.mix_prob = 1.0  # Probability that a batch is mixed at all.
     c.augment.switch_prob = 0.5  # With both on: probability of CutMix instead of Mixup.
     c.augment.random_erasing = 0.0  # Probability of erasing one random box with noise per image.
+
+    # The training loss (jaxres/losses.py); evaluation reports plain cross-entropy.
+    c.loss = ml_collections.ConfigDict()
+    # "softmax" cross-entropy, or "bce": per-class sigmoid binary cross-entropy (RSB A1-A3) whose
+    # (mixed, smoothed) targets become 1 above `bce_threshold` and 0 below (0 = off).
+    c.loss.name = "softmax"
+    c.loss.label_smoothing = 0.1
+    c.loss.bce_threshold = 0.0
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd (Nesterov) | lars | adamw | lamb
@@ -85,11 +100,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.momentum = 0.9
     c.optimizer.nesterov = True
     c.optimizer.weight_decay = 5e-5  # On kernels only, not on norms or biases.
-    c.optimizer.label_smoothing = 0.1
-    # "softmax" cross-entropy, or "bce": per-class sigmoid binary cross-entropy (RSB A1-A3) whose
-    # (mixed, smoothed) targets become 1 above `bce_threshold` and 0 below (0 = off).
-    c.optimizer.loss = "softmax"
-    c.optimizer.bce_threshold = 0.0
     c.optimizer.schedule = "cosine"  # cosine | step | constant, after linear warmup.
     c.optimizer.warmup_epochs = 5.0
     c.optimizer.decay_epochs = (30, 60, 80)  # For schedule="step".
@@ -113,4 +123,37 @@ def base_config() -> ml_collections.ConfigDict:
     c.resume_from = ""
     c.init_from = ""  # Another run: "RUN" or "RUN:STEP"; start from its params (fine-tuning).
     c.init_fresh_head = False  # With init_from: a new head even when its shape matches.
+    # A key a config file (or code) sets that is not above is an error, not a new key; the
+    # model's `overrides` are open (any ResNet field).
+    c.lock()
+    c.model.overrides.unlock()
     return c
+
+
+# Keys that moved to the section of their concern: old key -> new key. Saved runs' config.json
+# (`upgrade_keys`) and old command lines (`jaxres.cli`) still read.
+MOVED_KEYS = {
+    "dataset.decoder": "input.decoder",
+    "dataset.decode_reduced": "input.decode_reduced",
+    "dataset.truncated": "input.truncated",
+    "dataset.num_workers": "input.num_workers",
+    "dataset.crop_min_area": "augment.crop_min_area",
+    "dataset.flip": "augment.flip",
+    "dataset.color_jitter": "augment.color_jitter",
+    "dataset.randaugment": "augment.randaugment",
+    "dataset.repeated_aug": "augment.repeated_aug",
+    "optimizer.loss": "loss.name",
+    "optimizer.label_smoothing": "loss.label_smoothing",
+    "optimizer.bce_threshold": "loss.bce_threshold",
+}
+
+
+def upgrade_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config dict written before keys moved (`MOVED_KEYS`), with each value at its new key."""
+    saved = copy.deepcopy(saved)
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(saved.get(section), dict) and key in saved[section]:
+            new_section, new_key = new.split(".")
+            saved.setdefault(new_section, {}).setdefault(new_key, saved[section].pop(key))
+    return saved

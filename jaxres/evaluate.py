@@ -142,7 +142,7 @@ def evaluate_runs(
     split = split or dataset.val_split
     source = sources.open_source(dataset, split)  # The whole split: no val_limit here.
     batch_size = batch_size or members[0].config.eval_batch_size
-    result = ensemble.score(source, CROPS_TO_VIEWS[crops], batch_size, dataset.num_workers)
+    result = ensemble.score(source, CROPS_TO_VIEWS[crops], batch_size, members[0].config.input.num_workers)
     log_line(
         f"{split}: {result['count']} of {len(source)} images counted | top-1 {result['top1']:.4f} | "
         f"top-5 {result['top5']:.4f} | mean per-class {result['mean_per_class']:.4f} | loss {result['loss']:.4f}"

@@ -234,4 +234,4 @@ def peak_for_kind(device_kind: str, dtype: str, platform: str = "gpu") -> Peak:
             return Peak(
                 tflops * 1e12, f"{name} {kind} dense peak, {tflops:g} TFLOP/s per device", "peak"
             )
-    return Peak(None, f"no peak known for {device_kind!r} (jaxres.profiling.PEAK_TFLOPS)", "peak")
+    return Peak(None, f"no peak known for {device_kind!r} (jaxres.flops.PEAK_TFLOPS)", "peak")

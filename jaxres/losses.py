@@ -65,13 +65,13 @@ def binary_cross_entropy(
 def per_example_loss(
     logits: jax.Array, targets: jax.Array, kind: str, threshold: float = 0.0
 ) -> jax.Array:
-    """The loss `config.optimizer.loss` names, per example [B].
+    """The loss `config.loss.name` names, per example [B].
 
     Args:
       logits: [B, K].
       targets: dense targets [B, K] (`dense_targets` or mixed ones).
-      kind: "softmax" or "bce" (`config.optimizer.loss`).
-      threshold: `config.optimizer.bce_threshold`; only "bce" uses it (0 = off).
+      kind: "softmax" or "bce" (`config.loss.name`).
+      threshold: `config.loss.bce_threshold`; only "bce" uses it (0 = off).
 
     Raises:
       ConfigError: an unknown `kind`, or a threshold with the softmax loss.
@@ -83,11 +83,11 @@ def per_example_loss(
 
 
 def check_loss(kind: str, threshold: float = 0.0) -> None:
-    """ConfigError for an unknown `config.optimizer.loss` or a threshold the loss ignores."""
+    """ConfigError for an unknown `config.loss.name` or a threshold the loss ignores."""
     if kind not in LOSSES:
-        raise ConfigError(unknown_name("config.optimizer.loss", kind, LOSSES))
+        raise ConfigError(unknown_name("config.loss.name", kind, LOSSES))
     if kind == "softmax" and threshold:
         raise ConfigError(
-            f"config.optimizer.bce_threshold={threshold} applies to the bce loss only; set "
-            "config.optimizer.loss='bce' or config.optimizer.bce_threshold=0."
+            f"config.loss.bce_threshold={threshold} applies to the bce loss only; set "
+            "config.loss.name='bce' or config.loss.bce_threshold=0."
         )

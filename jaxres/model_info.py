@@ -1,7 +1,7 @@
 """A model at a glance (`scripts/model_info.py`): parameters and FLOPs per stage, the output
 shapes of the named layers, XLA's FLOPs and the activation memory per example.
 
-Parameters and FLOPs are counted without computing anything (`jaxres.profiling`); with
+Parameters and FLOPs are counted without computing anything (`jaxres.flops`); with
 `xla=True` the forward pass is lowered for XLA's cost analysis, and forward + backward is
 compiled at two batch sizes: the growth of XLA's temporary buffers per example is the
 activation memory (what a training batch costs beyond the weights, gradients and optimizer).

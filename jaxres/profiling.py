@@ -142,9 +142,7 @@ class StepTimer:
         self._reset()
         return out
 
-    def input_warning(
-        self, timing: dict[str, float], dataset: ml_collections.ConfigDict
-    ) -> str | None:
+    def input_warning(self, timing: dict[str, float], config: ml_collections.ConfigDict) -> str | None:
         """A warning line when the input blocked the step more than `INPUT_WARN_FRACTION` of the
         time over the last `INPUT_WARN_AFTER` or more log intervals (see the constants)."""
         if self._judged < INPUT_WARN_AFTER:
@@ -160,7 +158,7 @@ class StepTimer:
         if fraction <= INPUT_WARN_FRACTION:
             return None
         self._last_warning = self.intervals
-        return input_bound_message(fraction, judged, timing, dataset)
+        return input_bound_message(fraction, judged, timing, config)
 
     def format(self, timing: dict[str, float]) -> str:
         """The breakdown as one phrase of the progress line."""
@@ -178,20 +176,21 @@ class StepTimer:
 
 
 def input_bound_message(
-    fraction: float, intervals: int, timing: dict[str, float], dataset: ml_collections.ConfigDict
+    fraction: float, intervals: int, timing: dict[str, float], config: ml_collections.ConfigDict
 ) -> str:
     """The input-bound warning (`fraction` of the time over `intervals` log intervals; `timing`:
-    the last one), naming the fixes that apply to `dataset`."""
-    workers = f"now {dataset.num_workers}; this host has {os.cpu_count()} cores"
-    fixes = [f"more decode workers (--config.dataset.num_workers, {workers})"]
+    the last one), naming the fixes that apply to a run of `config`."""
+    dataset = config.dataset
+    workers = f"now {config.input.num_workers}; this host has {os.cpu_count()} cores"
+    fixes = [f"more decode workers (--config.input.num_workers, {workers})"]
     if not dataset.name.endswith("_resized_256"):
         fixes.append(
             "pre-resized JPEGs (scripts/prepare_data.py --resize_shorter 256, then "
             f"--config.dataset.name={dataset.name}_resized_256)"
         )
-    if dataset.decoder != "dali":
+    if config.input.decoder != "dali":
         fixes.append(
-            "the DALI GPU decoder (pip install -e '.[dali]'; --config.dataset.decoder=dali)"
+            "the DALI GPU decoder (pip install -e '.[dali]'; --config.input.decoder=dali)"
         )
     now = f"now data {timing['data_s']:.2g} s of {timing['step_s']:.3g} s per step"
     return (

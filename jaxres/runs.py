@@ -37,7 +37,7 @@ import ml_collections
 
 from jaxres import checkpoint as ckpt_lib
 from jaxres import models
-from jaxres.config_base import base_config
+from jaxres.config_base import base_config, upgrade_keys
 from jaxres.data import preprocessing, sources
 from jaxres.errors import CheckpointError, ConfigError, JaxresError
 from jaxres.console import log_line
@@ -111,7 +111,8 @@ def read_config(run: str) -> ml_collections.ConfigDict:
                 f"{path} is not valid JSON ({e}); restore it from the run's checkpoint meta."
             ) from None
     config = base_config()
-    config.update(ml_collections.ConfigDict(saved))
+    with config.unlocked():  # A key this version no longer has still reads (and is unused).
+        config.update(ml_collections.ConfigDict(upgrade_keys(saved)))
     return config
 
 

@@ -54,14 +54,14 @@ def train_step(
     devices the batch is split over (Mixup / CutMix pair rows within one).
     """
     total_weight = jnp.maximum(batch["mask"].sum(), 1.0)
-    num_classes, opt = config.dataset.num_classes, config.optimizer
+    num_classes, loss_config = config.dataset.num_classes, config.loss
     step_rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     augment = device_augment.from_config(config.augment)
 
     def loss_fn(params, batch_stats, micro, rng):
         augment_rng, dropout_rng = jax.random.split(rng)
         images = runs.normalize(micro["image"], config.dataset.mean, config.dataset.std)
-        targets = losses.dense_targets(micro["label"], num_classes, opt.label_smoothing)
+        targets = losses.dense_targets(micro["label"], num_classes, loss_config.label_smoothing)
         # Erasing, then Mixup / CutMix within each device's shard (timm's order).
         images, targets, weight = augment(augment_rng, images, targets, micro["mask"], num_shards=num_shards)
         (logits, _), new_vars = model.apply(
@@ -71,7 +71,7 @@ def train_step(
             mutable=["batch_stats"],
             rngs={"dropout": dropout_rng},
         )
-        per_example = losses.per_example_loss(logits, targets, opt.loss, opt.bce_threshold)
+        per_example = losses.per_example_loss(logits, targets, loss_config.name, loss_config.bce_threshold)
         loss = (per_example * weight).sum() / total_weight
         correct = ((logits.argmax(-1) == micro["label"]) * micro["mask"]).sum()
         return loss, (new_vars.get("batch_stats", {}), correct)
@@ -138,7 +138,7 @@ def validate(
 ) -> dict[str, float]:
     """val_top1 / val_top5 / val_loss / val_count over the whole split (padded + masked)."""
     prep = preprocessing.of(config)  # The pixels evaluate.py, predict.py and the probes see too.
-    _, batches = prep.device_batches(source, "center", config.eval_batch_size, mesh, config.dataset.num_workers)
+    _, batches = prep.device_batches(source, "center", config.eval_batch_size, mesh, config.input.num_workers)
     summary = metrics_lib.summarize_sums(metrics_lib.sum_over_batches(eval_fn, variables, batches))
     return {f"val_{k}": v for k, v in summary.items()}
 
@@ -191,15 +191,15 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
             "head of a fresh model; set --config.init_from=RUN (fine-tuning) or "
             "--config.optimizer.head_only_steps=0."
         )
-    if config.dataset.repeated_aug < 1:
+    if config.augment.repeated_aug < 1:
         raise ConfigError(
-            f"config.dataset.repeated_aug={config.dataset.repeated_aug}: each image is read that many "
+            f"config.augment.repeated_aug={config.augment.repeated_aug}: each image is read that many "
             "times in a row; use 1 (off) or more (RSB A1 / A2: 3)."
         )
-    dali.check_decoder(config.dataset)
+    dali.check_decoder(config)
     profiler.parse_profile_steps(config.profile_steps)
     device_augment.from_config(config.augment)  # Out-of-range values fail here, named.
-    losses.check_loss(config.optimizer.loss, config.optimizer.bce_threshold)
+    losses.check_loss(config.loss.name, config.loss.bce_threshold)
     runs.build_model(config)  # Unknown model names / fields fail here, before data loading.
     if config.init_from:
         state_lib.check_init_from_head(config)
@@ -367,7 +367,7 @@ class _Loop:
         shown = {k: v for k, v in scalars.items() if k not in profiling.TIMING_KEYS}  # + img/s, ETA.
         line = console.progress_line(step, self.total_steps, self.steps_per_epoch, shown, self.timer.format(timing))
         console.log_line(line)
-        warning = self.timer.input_warning(timing, self.config.dataset)
+        warning = self.timer.input_warning(timing, self.config)
         if warning:
             console.log_line(warning)
         self.pending, self.pending_from = None, step

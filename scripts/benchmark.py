@@ -42,7 +42,7 @@ flags.DEFINE_integer("repeats", 3, "input: timed passes per figure (best kept)."
 flags.DEFINE_bool("tf", None, "input: include tf.data rows (default: when TensorFlow is installed).")
 flags.DEFINE_bool("sweep", True, "probe: also time the whole Caltech-101 protocol sweep (minutes).")
 flags.DEFINE_integer("num_workers", 8, "e2e: grain worker processes.")
-flags.DEFINE_enum("decoder", "cpu", ["cpu", "dali"], "e2e: config.dataset.decoder (dali: extra [dali]).")
+flags.DEFINE_enum("decoder", "cpu", ["cpu", "dali"], "e2e: config.input.decoder (dali: extra [dali]).")
 flags.DEFINE_string("dataset", "", "e2e: a prepared dataset name (default: synthetic JPEG records).")
 flags.DEFINE_string("data_dir", "", "e2e: its data_dir.")
 flags.DEFINE_list("ops_parts", ["profile", "train_ab"],

@@ -44,10 +44,10 @@ def test_config_has_every_base_key(path):
 def test_rsb_recipes():
     module = _load(os.path.join(REPO, "configs", "imagenet_rsb.py"))
     a1, a3 = module.get_config("a1"), module.get_config("a3,seresnet50")
-    assert (a1.num_epochs, a1.dataset.repeated_aug, a1.model.drop_path_rate, a1.optimizer.name) == (600, 3, 0.05, "lamb")
+    assert (a1.num_epochs, a1.augment.repeated_aug, a1.model.drop_path_rate, a1.optimizer.name) == (600, 3, 0.05, "lamb")
     assert a1.optimizer.base_lr * a1.batch_size / 256 == pytest.approx(5e-3)  # The paper's LR at batch 2048.
     assert (a3.model.name, a3.dataset.image_size, a3.dataset.eval_image_size) == ("seresnet50", 160, 224)
-    assert a3.dataset.randaugment == "rand-m6-mstd0.5-inc1" and a3.dataset.repeated_aug == 1
+    assert a3.augment.randaugment == "rand-m6-mstd0.5-inc1" and a3.augment.repeated_aug == 1
     with pytest.raises(ValueError, match="one of a1, a2, a3"):
         module.get_config("b1")
 

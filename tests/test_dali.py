@@ -104,8 +104,8 @@ def test_training_with_the_dali_decoder(tmp_path):
     embedded.write_digits(data_dir)
     config = demo.get_config("smoke")
     config.dataset.data_dir = str(data_dir)
-    config.dataset.decoder = "dali"
-    config.dataset.num_workers = 0
+    config.input.decoder = "dali"
+    config.input.num_workers = 0
     config.num_epochs = 1
     state = train.train_and_evaluate(config, str(tmp_path / "run"))
     with open(tmp_path / "run" / "metrics.jsonl") as f:
@@ -119,12 +119,14 @@ def test_training_with_the_dali_decoder(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"decoder": "nvjpeg"}, "Unknown config.dataset.decoder 'nvjpeg'"),
-        ({"decoder": "dali", "color_jitter": 0.4}, "color_jitter runs only on the CPU decoder"),
+        ({"input.decoder": "nvjpeg"}, "Unknown config.input.decoder 'nvjpeg'"),
+        ({"input.decoder": "dali", "augment.color_jitter": 0.4}, "color_jitter runs only on the CPU decoder"),
     ],
 )
 def test_decoder_config_errors(overrides, message):
     config = demo.get_config("smoke")
-    config.dataset.update(overrides)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
     with pytest.raises(ConfigError, match=message):
         train.check_config(config, parallel.make_mesh())

@@ -52,7 +52,7 @@ def run_config(data_dir: str, num_classes: int = 3, model: str = "resnetv2_tiny"
     c.dataset.train_split, c.dataset.val_split = "train", "val"
     c.dataset.num_classes, c.dataset.image_size = num_classes, 32
     c.dataset.eval_crop_ratio = 0.8  # 40 -> 32: the 10 crops differ.
-    c.dataset.num_workers = 0
+    c.input.num_workers = 0
     c.eval_batch_size = 8
     return c
 

@@ -137,7 +137,7 @@ report(children_after=[c.pid for c in children])
     fields, _ = run_script(tmp_path, body)
     assert f"worker process {fields['victim']}" in fields["error"]
     assert "killed by SIGKILL" in fields["error"] and "re-run the same command" in fields["error"]
-    assert "dataset.num_workers" in fields["error"]
+    assert "input.num_workers" in fields["error"]
     assert fields["seconds"] < DEAD_WORKER_BOUND_S, fields
     assert fields["children_after"] == []  # The other worker was stopped with the pipeline.
     assert_gone(fields["workers"])
@@ -229,9 +229,8 @@ def test_closing_loader_generators_closes_the_pipeline(monkeypatch):
     monkeypatch.setattr(
         pipeline, "train_batches", lambda *a, **k: made.append(real(*a, **k)) or made[-1]
     )
-    config = ml_collections.ConfigDict(
-        {"seed": 0, "batch_size": 4, "grad_accum_steps": 2, "dataset": _dataset_config()}
-    )
+    config = _train_config()
+    config.batch_size, config.grad_accum_steps = 4, 2
     source = [{"image": jpeg(i), "label": i, "key": str(i)} for i in range(8)]
     micro = loader.train_micro_batches(config, source, 0)
     assert next(micro)["image"].shape == (2, 2, 32, 32, 3)
@@ -242,10 +241,11 @@ def test_closing_loader_generators_closes_the_pipeline(monkeypatch):
 # ------------------------------------------------------------------ image folders (item 6)
 
 
-def _dataset_config(**overrides) -> ml_collections.ConfigDict:
-    d = config_base.base_config().dataset
-    d.update(image_size=32, num_workers=0, **overrides)
-    return d
+def _train_config(**input_overrides) -> ml_collections.ConfigDict:
+    config = config_base.base_config()
+    config.dataset.image_size = 32
+    config.input.update(num_workers=0, **input_overrides)
+    return config
 
 
 def make_folder(root: Path) -> Path:
@@ -371,20 +371,20 @@ def test_truncated_jpeg_keep_decodes_skip_masks(backend, monkeypatch, caplog):
         assert [o["mask"] for o in outs] == [mask] * len(outs)
         assert caplog.text.count("cut/file.jpg") == len(outs)  # Named every time.
         if truncated == "skip":
-            assert "truncated file (dataset.truncated=skip)" in caplog.text
+            assert "truncated file (input.truncated=skip)" in caplog.text
 
 
 def test_truncated_option_reaches_every_transform_and_rejects_unknown_values():
-    assert loader.train_transform(_dataset_config(truncated="skip")).truncated == "skip"
+    assert loader.train_transform(_train_config(truncated="skip")).truncated == "skip"
     assert loader.view_transform(32, 0.875, "10crop", truncated="skip").truncated == "skip"
     assert loader.view_transform(32, 0.875, "flip", truncated="skip").centre.truncated == "skip"
     # The DALI path's grain transforms mask a truncated JPEG in the worker with "skip".
-    crops = loader.train_transform(_dataset_config(decoder="dali", truncated="skip"))
+    crops = loader.train_transform(_train_config(decoder="dali", truncated="skip"))
     record = {"image": truncated_jpeg(), "label": 3, "key": "cut.jpg"}
     assert crops(record, np.random.default_rng(0))["mask"] == 0
     assert loader.view_transform(32, 0.875, decoder="dali")(record)["mask"] == 1
     for make in (
-        lambda: loader.train_transform(_dataset_config(truncated="drop")),
+        lambda: loader.train_transform(_train_config(truncated="drop")),
         lambda: loader.view_transform(32, 0.875, truncated="drop"),
         lambda: transforms.EvalTransform(32, truncated="drop"),
         lambda: records.write_record_dataset("unused", {}, [], source="t", truncated="drop"),

@@ -40,7 +40,8 @@ def run(tmp_path_factory):
     config = run_config(data)
     d = config.dataset
     d.image_size, d.eval_image_size, d.eval_crop_ratio = SIZE, EVAL_SIZE, CROP
-    d.decode_reduced, d.truncated, d.mean, d.std = False, "skip", MEAN, STD
+    d.mean, d.std = MEAN, STD
+    config.input.decode_reduced, config.input.truncated = False, "skip"
     config.eval_batch_size = 8
     return make_run(str(tmp_path_factory.mktemp("prep_runs") / "run"), config), data
 

@@ -278,7 +278,7 @@ def test_an_input_bound_run_warns_naming_the_fixes():
     """A pipeline that takes 40 ms a batch feeding a ~free step: the step waits nearly all the
     time; from the fourth log interval (the first is start-up) a warning names the fixes."""
     step_fn = jax.jit(lambda s, b: (s + b.sum(), {"loss": s}))
-    dataset = demo.get_config("").dataset
+    config = demo.get_config("")
     timer = profiling.StepTimer(1e9, flops.Peak(None, "unknown", "peak"), 1)
     batches, state, warnings = _slow_batches(0.04), jnp.zeros(()), []
     # Compiled before timing: on a loaded host the compile could outweigh the first waits.
@@ -288,11 +288,11 @@ def test_an_input_bound_run_warns_naming_the_fixes():
             state, _ = timer.step(step_fn, state, timer.next_batch(batches), sample=i == 1)
         timing = timer.summary()
         assert timing["input_wait"] > 0.5 and "mfu" not in timing  # No peak: TFLOP/s only.
-        warnings.append(timer.input_warning(timing, dataset))
+        warnings.append(timer.input_warning(timing, config))
     assert warnings[:3] == [None, None, None] and warnings[4] is None  # Then quiet for a while.
     text = warnings[3]
-    assert text.startswith("WARNING: input-bound") and "dataset.num_workers" in text
-    assert "--resize_shorter 256" in text and "dataset.decoder=dali" in text
+    assert text.startswith("WARNING: input-bound") and "input.num_workers" in text
+    assert "--resize_shorter 256" in text and "input.decoder=dali" in text
 
 
 def test_a_fed_run_does_not_warn():
@@ -303,7 +303,7 @@ def test_a_fed_run_does_not_warn():
         for i in range(4):
             state, _ = timer.step(step_fn, state, timer.next_batch(batches), sample=i == 3)
         timing = timer.summary()
-        assert timer.input_warning(timing, demo.get_config("").dataset) is None
+        assert timer.input_warning(timing, demo.get_config("")) is None
     assert "MFU" in timer.format(timing)
 
 

@@ -274,7 +274,7 @@ def test_parse_refuses_bad_strings(spec, part):
         ra.parse(spec)
     message = str(error.value)
     assert (
-        "config.dataset.randaugment" in message
+        "config.augment.randaugment" in message
         and part in message
         and "rand-m9-mstd0.5-inc1" in message
     )
@@ -282,7 +282,7 @@ def test_parse_refuses_bad_strings(spec, part):
 
 
 def test_bad_string_fails_when_the_transform_is_built():
-    with pytest.raises(ConfigError, match="config.dataset.randaugment"):
+    with pytest.raises(ConfigError, match="config.augment.randaugment"):
         transforms.TrainTransform(32, randaugment="rand-x9")
 
 
@@ -290,12 +290,12 @@ def test_dali_decoder_refuses_randaugment():
     from jaxres.config_base import base_config
     from jaxres.data import loader
 
-    dataset = base_config().dataset
-    dataset.decoder, dataset.randaugment = "dali", "rand-m9-mstd0.5-inc1"
+    config = base_config()
+    config.input.decoder, config.augment.randaugment = "dali", "rand-m9-mstd0.5-inc1"
     with pytest.raises(ConfigError, match="decoder=cpu"):
-        loader.train_transform(dataset)
-    dataset.decoder = "cpu"
-    assert loader.train_transform(dataset).randaugment.spec == ra.parse("rand-m9-mstd0.5-inc1")
+        loader.train_transform(config)
+    config.input.decoder = "cpu"
+    assert loader.train_transform(config).randaugment.spec == ra.parse("rand-m9-mstd0.5-inc1")
 
 
 # ------------------------------------------------------------------ magnitudes and determinism

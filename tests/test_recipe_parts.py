@@ -227,7 +227,7 @@ def test_dense_targets_and_loss_dispatch():
         np.testing.assert_array_equal(
             losses.per_example_loss(logits, targets, kind), fn(logits, targets)
         )
-    with pytest.raises(ConfigError, match=r"config\.optimizer\.loss 'bse'.*Did you mean 'bce'"):
+    with pytest.raises(ConfigError, match=r"config\.loss\.name 'bse'.*Did you mean 'bce'"):
         losses.per_example_loss(logits, targets, "bse")
     with pytest.raises(ConfigError, match=r"config\.optimizer\.bce_threshold=0\.2.*loss='bce'"):
         losses.per_example_loss(logits, targets, "softmax", 0.2)

@@ -106,3 +106,44 @@ def test_load_errors_name_the_fix(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "jaxres error: Checkpoint 'bestest' is not 'latest', 'best' or a step number" in result.stderr
+
+
+def test_a_run_written_before_the_config_sections_moved_still_loads(trained, tmp_path):
+    """config.json of a run from before `input.*`, host `augment.*` and `loss.*`: every old key
+    is read at its new place, and the run evaluates as before."""
+    import shutil
+
+    from jaxres import cli
+    from jaxres.config_base import MOVED_KEYS
+    from jaxres.data import preprocessing
+
+    workdir, _, _ = trained
+    old = str(tmp_path / "old")
+    shutil.copytree(workdir, old)
+    with open(os.path.join(old, "config.json")) as f:
+        saved = json.load(f)
+    values = {"decoder": "cpu", "decode_reduced": False, "truncated": "skip", "num_workers": 0,
+              "crop_min_area": 0.3, "flip": False, "color_jitter": 0.2, "randaugment": "rand-m5",
+              "repeated_aug": 2, "loss": "bce", "label_smoothing": 0.05, "bce_threshold": 0.2}
+    for old_key, new_key in MOVED_KEYS.items():  # Written as the old version wrote them.
+        section, key = old_key.split(".")
+        new_section, new_name = new_key.split(".")
+        saved[new_section].pop(new_name)
+        saved[section][key] = values[key]
+    if not saved["augment"]:
+        saved.pop("augment")
+    with open(os.path.join(old, "config.json"), "w") as f:
+        json.dump(saved, f)
+
+    config = runs.read_config(old)
+    for old_key, new_key in MOVED_KEYS.items():
+        section, name = new_key.split(".")
+        assert config[section][name] == values[old_key.split(".")[1]], new_key
+        assert old_key.split(".")[1] not in config[old_key.split(".")[0]]
+    assert not preprocessing.of(config).decode_reduced
+    assert evaluate.evaluate_run(old)["count"] == evaluate.evaluate_run(workdir)["count"]
+    # An old command line still runs, reading each moved key at its new place.
+    argv = ["train.py", "--config.dataset.num_workers=0", "--config.optimizer.loss", "bce", "--config.seed=1"]
+    assert cli.moved_config_keys(argv) == [
+        "train.py", "--config.input.num_workers=0", "--config.loss.name", "bce", "--config.seed=1"
+    ]

@@ -178,10 +178,10 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
         ({"model.name": "resnet5"}, ConfigError, "Did you mean 'resnet50'"),
         ({"batch_size": 30}, ConfigError, "not divisible by the 8 devices"),
         ({"dataset.num_classes": 7}, ConfigError, "num_classes=10"),
-        ({"dataset.repeated_aug": 0}, ConfigError, "repeated_aug=0"),
-        ({"dataset.randaugment": "rand-x9"}, ConfigError, "config.dataset.randaugment"),
+        ({"augment.repeated_aug": 0}, ConfigError, "repeated_aug=0"),
+        ({"augment.randaugment": "rand-x9"}, ConfigError, "config.augment.randaugment"),
         ({"augment.mix_prob": 1.5}, ConfigError, "config.augment.mix_prob"),
-        ({"optimizer.loss": "hinge"}, ConfigError, "config.optimizer.loss"),
+        ({"loss.name": "hinge"}, ConfigError, "config.loss.name"),
         (
             {"dataset.name": "imagefolder", "dataset.data_dir": "/nonexistent"},
             DataError,
@@ -245,8 +245,8 @@ def test_head_only_needs_init_from(data_dir):
 
 # Every "ResNet strikes back" option at once (configs/imagenet_rsb.py), on the smoke run.
 RSB_OPTIONS = {
-    "dataset.randaugment": "rand-m9-mstd0.5-inc1",
-    "dataset.repeated_aug": 2,
+    "augment.randaugment": "rand-m9-mstd0.5-inc1",
+    "augment.repeated_aug": 2,
     "dataset.eval_image_size": 40,
     "augment.mixup_alpha": 0.2,
     "augment.cutmix_alpha": 1.0,
@@ -256,9 +256,9 @@ RSB_OPTIONS = {
     "optimizer.base_lr": 0.005,
     "optimizer.weight_decay": 0.02,
     "optimizer.grad_clip_norm": 1.0,
-    "optimizer.loss": "bce",
-    "optimizer.bce_threshold": 0.2,
-    "optimizer.label_smoothing": 0.1,
+    "loss.name": "bce",
+    "loss.bce_threshold": 0.2,
+    "loss.label_smoothing": 0.1,
 }
 
 

@@ -239,8 +239,8 @@ def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, 
     from jaxres.data import sources
 
     config = _config(model, batch_size, dtype, image_size, 1000)
-    config.dataset.num_workers = num_workers
-    config.dataset.decoder = decoder
+    config.input.num_workers = num_workers
+    config.input.decoder = decoder
     if dataset:
         config.dataset.name, config.dataset.data_dir = dataset, data_dir
         source = sources.open_source(config.dataset, config.dataset.train_split)

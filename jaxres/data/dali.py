@@ -1,4 +1,4 @@
-"""JPEG decoding with NVIDIA DALI (`--config.dataset.decoder=dali`), an optional extra.
+"""JPEG decoding with NVIDIA DALI (`--config.input.decoder=dali`), an optional extra.
 
     pip install -e ".[dali]"        # nvidia-dali-cuda130
 
@@ -68,7 +68,7 @@ def _header(record: dict[str, Any], truncated: str = "keep") -> tuple[int, int] 
     try:
         image = record["image"]
         if truncated == "skip" and image[:2] == b"\xff\xd8" and transforms.jpeg_truncated(image):
-            raise transforms.TruncatedImageError("truncated file (dataset.truncated=skip)")
+            raise transforms.TruncatedImageError("truncated file (input.truncated=skip)")
         return transforms.image_size(image)
     except Exception as e:  # noqa: BLE001 - any unreadable header is skipped, not fatal.
         log.warning("Skipping undecodable image %s: %s", record.get("key", "?"), e)
@@ -119,21 +119,22 @@ def check_available() -> None:
         import nvidia.dali  # noqa: F401
     except ImportError as e:
         raise ConfigError(
-            f"config.dataset.decoder='dali' needs NVIDIA DALI ({e}); pip install -e '.[dali]' "
-            "or use --config.dataset.decoder=cpu."
+            f"config.input.decoder='dali' needs NVIDIA DALI ({e}); pip install -e '.[dali]' "
+            "or use --config.input.decoder=cpu."
         ) from None
 
 
-def check_decoder(dataset: Any) -> None:
-    """Fails early, naming the fix, on a `dataset.decoder` that cannot run with these keys."""
-    if dataset.decoder not in DECODERS:
-        raise ConfigError(unknown_name("config.dataset.decoder", dataset.decoder, DECODERS))
-    if dataset.decoder == "dali":
+def check_decoder(config: Any) -> None:
+    """Fails early, naming the fix, on a `config.input.decoder` that cannot run with these keys."""
+    decoder = config.input.decoder
+    if decoder not in DECODERS:
+        raise ConfigError(unknown_name("config.input.decoder", decoder, DECODERS))
+    if decoder == "dali":
         check_available()
-        if dataset.color_jitter:
+        if config.augment.color_jitter:
             raise ConfigError(
-                "config.dataset.color_jitter runs only on the CPU decoder; set "
-                "--config.dataset.decoder=cpu or --config.dataset.color_jitter=0."
+                "config.augment.color_jitter runs only on the CPU decoder; set "
+                "--config.input.decoder=cpu or --config.augment.color_jitter=0."
             )
 
 

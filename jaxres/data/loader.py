@@ -4,14 +4,14 @@
     num, batches = device_eval_batches(source, transform, 128, mesh)   # padded + masked, on the mesh
 
 Training and evaluation read through `jaxres.data.pipeline` (grain): the decode
-happens in its workers (`dataset.decoder="cpu"`), or the workers only draw the
+happens in its workers (`input.decoder="cpu"`), or the workers only draw the
 crop windows and NVIDIA DALI decodes them (`"dali"`, `jaxres.data.dali`).
 Evaluation pads the split to whole global batches with masked copies, so every
 example counts exactly once on any number of devices and processes.
 
 Both iterators close their grain pipeline (its worker processes) when they end
 or are closed: a caller that stops early calls `.close()` on them (garbage
-collection and interpreter exit do it too, later). `dataset.truncated` ("keep"
+collection and interpreter exit do it too, later). `input.truncated` ("keep"
 | "skip") reaches every CPU transform.
 """
 
@@ -32,22 +32,24 @@ from jaxres.errors import ConfigError, unknown_name
 VIEWS = {"center": 1, "flip": 2, "10crop": 10}  # View name -> views per image.
 
 
-def train_transform(dataset: ml_collections.ConfigDict) -> Callable[[dict, np.random.Generator], dict]:
-    """The training augmentation of `config.dataset` (for the configured decoder)."""
-    if dataset.decoder == "dali":
-        if dataset.randaugment:  # DALI decodes on the device after the workers; no PIL ops there.
+def train_transform(config: ml_collections.ConfigDict) -> Callable[[dict, np.random.Generator], dict]:
+    """The host augmentation of `config.augment` at `config.dataset.image_size`, decoded as
+    `config.input` says (for the configured decoder)."""
+    input, augment = config.input, config.augment  # noqa: A001 - the config section's name.
+    if input.decoder == "dali":
+        if augment.randaugment:  # DALI decodes on the device after the workers; no PIL ops there.
             raise ConfigError(
-                "config.dataset.randaugment runs on the CPU decoder only; set --config.dataset.decoder=cpu."
+                "config.augment.randaugment runs on the CPU decoder only; set --config.input.decoder=cpu."
             )
-        return dali.TrainCrops(dataset.crop_min_area, dataset.flip, dataset.truncated)
+        return dali.TrainCrops(augment.crop_min_area, augment.flip, input.truncated)
     return transforms.TrainTransform(
-        dataset.image_size,
-        dataset.crop_min_area,
-        dataset.flip,
-        dataset.color_jitter,
-        decode_reduced=dataset.decode_reduced,
-        truncated=dataset.truncated,
-        randaugment=dataset.randaugment,
+        config.dataset.image_size,
+        augment.crop_min_area,
+        augment.flip,
+        augment.color_jitter,
+        decode_reduced=input.decode_reduced,
+        truncated=input.truncated,
+        randaugment=augment.randaugment,
     )
 
 
@@ -61,14 +63,14 @@ def view_transform(
 ) -> Callable[[dict], dict]:
     """The evaluation transform for `views`: "center", "flip" (centre + mirror) or "10crop".
 
-    `truncated` is `config.dataset.truncated` ("keep" or "skip" a truncated image).
+    `truncated` is `config.input.truncated` ("keep" or "skip" a truncated image).
     """
     if views not in VIEWS:
         raise ConfigError(unknown_name("views", views, VIEWS))
     transforms.check_truncated(truncated)
     if decoder == "dali":
         if views != "center":
-            raise ConfigError(f"views={views!r} runs on the CPU decoder only; set --config.dataset.decoder=cpu.")
+            raise ConfigError(f"views={views!r} runs on the CPU decoder only; set --config.input.decoder=cpu.")
         return dali.EvalCrops(crop_ratio, truncated)
     if views == "10crop":
         return transforms.TenCropTransform(image_size, crop_ratio, decode_reduced, truncated)
@@ -110,10 +112,10 @@ def train_host_batches(
 
     The iterator has `close()`, which stops the grain worker processes.
     """
-    d = config.dataset
+    d = config.input
     batches = pipeline.train_batches(
         source,
-        train_transform(d),
+        train_transform(config),
         global_batch_size=global_batch_size,
         seed=config.seed,
         start=start,
@@ -121,9 +123,9 @@ def train_host_batches(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         batch_fn=dali.collate if d.decoder == "dali" else None,
-        repeated_aug=d.repeated_aug,
+        repeated_aug=config.augment.repeated_aug,
     )
-    return _decoded(batches, d.decoder, d.image_size, global_batch_size)
+    return _decoded(batches, d.decoder, config.dataset.image_size, global_batch_size)
 
 
 def train_micro_batches(config: ml_collections.ConfigDict, source: Any, start: int) -> Iterator[dict[str, np.ndarray]]:
@@ -134,7 +136,7 @@ def train_micro_batches(config: ml_collections.ConfigDict, source: Any, start: i
       source: the training source.
       start: the first micro-batch index (a checkpoint's `data_position`).
     """
-    # Built now, not on the first step: a bad dataset config (dataset.truncated) fails at once.
+    # Built now, not on the first step: a bad dataset config (input.truncated) fails at once.
     batches = train_host_batches(config, source, config.batch_size // config.grad_accum_steps, start)
     return _grouped(batches, config.grad_accum_steps)
 

@@ -12,7 +12,7 @@ rows `[p * B/P, (p + 1) * B/P)` of it. So:
 * the iterator position is one integer, the next batch index, stored in the
   checkpoint; resuming starts the stream there (`dataset[position:]`).
 
-Repeated augmentation (`dataset.repeated_aug = K`, Hoffer et al. 2020, timm's
+Repeated augmentation (`augment.repeated_aug = K`, Hoffer et al. 2020, timm's
 `RepeatAugSampler`): the shuffled stream holds each record K times in a row,
 each copy augmented with its own stream index's RNG, so the copies usually sit
 in the same global batch (BatchNorm and the loss see them together, on any

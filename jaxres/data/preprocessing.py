@@ -15,7 +15,7 @@ pixels than evaluation and the probes saw.
 What it holds: the evaluation side (`dataset.eval_image_size`, or the training
 `image_size`), the crop ratio (resize the shorter side to size / ratio, then
 crop), the channel mean / std applied on the device, the resampling, and the
-decoding keys (`decoder`, `decode_reduced`, `truncated`).
+decoding keys (`input.decoder`, `input.decode_reduced`, `input.truncated`).
 """
 
 from __future__ import annotations
@@ -111,9 +111,9 @@ def of(config: ml_collections.ConfigDict, image_size: int = 0, crop_ratio: float
         mean=tuple(float(v) for v in d.mean),
         std=tuple(float(v) for v in d.std),
         interpolation=INTERPOLATION,
-        decoder=d.decoder,
-        decode_reduced=bool(d.decode_reduced),
-        truncated=d.truncated,
+        decoder=config.input.decoder,
+        decode_reduced=bool(config.input.decode_reduced),
+        truncated=config.input.truncated,
     )
 
 
@@ -123,4 +123,5 @@ def write_into(prep: Preprocessing, config: ml_collections.ConfigDict) -> None:
     d = config.dataset
     d.image_size, d.eval_image_size, d.eval_crop_ratio = prep.image_size, 0, prep.crop_ratio
     d.mean, d.std = prep.mean, prep.std
-    d.decoder, d.decode_reduced, d.truncated = prep.decoder, prep.decode_reduced, prep.truncated
+    i = config.input
+    i.decoder, i.decode_reduced, i.truncated = prep.decoder, prep.decode_reduced, prep.truncated

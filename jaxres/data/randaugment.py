@@ -66,7 +66,7 @@ TRANSLATE_PCT = 0.45  # timm's `translate_pct` default for TranslateX/YRel (frac
 IMAGENET_FILL = tuple(min(255, round(x)) for x in IMAGENET_MEAN)
 # timm `_RANDOM_INTERPOLATION`, drawn per geometric op.
 RANDOM_RESAMPLE = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
-KEY = "config.dataset.randaugment"
+KEY = "config.augment.randaugment"
 EXAMPLE = "rand-m9-mstd0.5-inc1"
 
 Fill = tuple[int, int, int]

@@ -16,7 +16,7 @@ fast IDCT is used, as tf.io.decode_jpeg does by default.
 Robustness. CMYK / YCCK JPEGs, grayscale, palette and PNG bytes named .JPEG
 decode through PIL to RGB. A truncated file (a JPEG without its end-of-image
 marker after the last scan, or one PIL finds cut short) follows
-`dataset.truncated`: "keep" decodes it as far as its data goes (PIL's
+`input.truncated`: "keep" decodes it as far as its data goes (PIL's
 `LOAD_TRUNCATED_IMAGES`, turned on only for that retry, under a lock) and logs
 its key; "skip" treats it as undecodable. A truncated JPEG always goes
 through PIL, so the outcome does not depend on where the crop window falls
@@ -71,7 +71,7 @@ FAST_COLORSPACES = ("YCbCr", "Gray", "RGB")  # simplejpeg; CMYK / YCCK go throug
 
 Box = tuple[float, float, float, float]  # (left, top, width, height) in pixels.
 _TRUNCATED_LOCK = threading.Lock()
-TRUNCATED = ("keep", "skip")  # `dataset.truncated`: decode what is there, or mask the record.
+TRUNCATED = ("keep", "skip")  # `input.truncated`: decode what is there, or mask the record.
 TRUNCATED_INFO = "jaxres_truncated"  # Set in `Image.info` of an image decoded leniently.
 
 
@@ -80,10 +80,10 @@ class TruncatedImageError(OSError):
 
 
 def check_truncated(truncated: str) -> str:
-    """`truncated` if it is a valid `dataset.truncated`; a ConfigError listing the valid ones otherwise."""
+    """`truncated` if it is a valid `input.truncated`; a ConfigError listing the valid ones otherwise."""
     if truncated not in TRUNCATED:
         raise ConfigError(
-            f"Unknown dataset.truncated {truncated!r}; set --config.dataset.truncated to one of "
+            f"Unknown input.truncated {truncated!r}; set --config.input.truncated to one of "
             f"{' / '.join(TRUNCATED)}."
         )
     return truncated
@@ -134,7 +134,7 @@ def pil_open(
         if "truncated" not in str(e):
             raise
         if truncated == "skip":
-            raise TruncatedImageError("truncated file (dataset.truncated=skip)") from None
+            raise TruncatedImageError("truncated file (input.truncated=skip)") from None
         # The flag is module-global in PIL: set it only for this retry, under a lock.
         with _TRUNCATED_LOCK:
             previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True

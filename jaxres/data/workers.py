@@ -61,7 +61,7 @@ FAIL_CLOSE_TIMEOUT_S = 1.0  # After a dead worker, the longest wait for the fetc
 DEAD_WORKER_BOUND_S = 3.0  # A dead worker's DataError arrives within this (see above).
 FIX = (
     "re-run the same command to resume from the last checkpoint; "
-    "lower dataset.num_workers if workers run out of memory."
+    "lower input.num_workers if workers run out of memory."
 )
 _GRAIN_DEAD_WORKER = re.compile(r"terminated unexpectedly with exit code (-?\d+)")
 _CLAIMED: set[int] = set()  # Worker pids owned by some open `Batches`.

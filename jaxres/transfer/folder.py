@@ -49,7 +49,7 @@ def split_dataset(images: str, output: str, val_fraction: float, seed: int) -> m
     if not root.is_dir():
         raise DataError(f"--images {images!r} is not a folder; give DIR with DIR/<class>/<images>.")
     dataset = base_config().dataset
-    dataset.name, dataset.data_dir, dataset.num_workers = "imagefolder", str(root), 0
+    dataset.name, dataset.data_dir = "imagefolder", str(root)
     held_out = next((s for s in ("val", "test") if (root / s).is_dir()), None)
     if (root / "train").is_dir() and held_out:
         dataset.train_split, dataset.val_split = "train", held_out
