@@ -229,7 +229,7 @@ def test_dense_targets_and_loss_dispatch():
         )
     with pytest.raises(ConfigError, match=r"config\.loss\.name 'bse'.*Did you mean 'bce'"):
         losses.per_example_loss(logits, targets, "bse")
-    with pytest.raises(ConfigError, match=r"config\.optimizer\.bce_threshold=0\.2.*loss='bce'"):
+    with pytest.raises(ConfigError, match=r"config\.loss\.bce_threshold=0\.2.*name='bce'"):
         losses.per_example_loss(logits, targets, "softmax", 0.2)
 
 
