@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -196,6 +197,7 @@ class Checkpointer:
             enable_async_checkpointing=not read_only,
         )
         self._damage: dict[int, list[str]] = {}
+        ignore_closed_loop_callbacks()
         with _without_read_only_notice():
             self._manager = ocp.CheckpointManager(
                 self.directory,
@@ -353,6 +355,30 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
+
+
+def ignore_closed_loop_callbacks() -> None:
+    """Drops "Event loop is closed" from TensorStore futures that finish after orbax gave up.
+
+    orbax restores in a fresh asyncio loop; when one array read fails, it closes the loop while
+    the other reads are still in flight, and each of those then fails to call back into the
+    closed loop (`call_soon_threadsafe`), which Python reports through `sys.unraisablehook`: a
+    traceback per array (115-164 of them for one damaged step). Those reads are abandoned on
+    purpose, so only that one report is dropped; everything else goes to the previous hook.
+    Installed once per process.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxres_closed_loop_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxres_closed_loop_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 @contextlib.contextmanager

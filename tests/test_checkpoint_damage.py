@@ -194,3 +194,41 @@ def test_evaluate_cli_prints_one_warning_and_no_orbax_notices(trained, tmp_path)
     assert "Traceback" not in output and "read only" not in output and "Event loop" not in output, (
         output
     )
+
+
+def test_reads_abandoned_after_a_failure_print_nothing():
+    """The source of the "Event loop is closed" tracebacks, reproduced: a TensorStore read
+    awaited in an asyncio loop that is closed (as orbax closes it after a failed read) before
+    the read finishes."""
+    script = (
+        "import asyncio, time\n"
+        "import tensorstore as ts\n"
+        "from jaxres import checkpoint\n"
+        "checkpoint.ignore_closed_loop_callbacks()\n"
+        "promise, future = ts.Promise.new()\n"
+        "async def main():\n"
+        "    async def read():\n"
+        "        await future\n"
+        "    pending = asyncio.ensure_future(read())\n"
+        "    await asyncio.sleep(0.01)\n"
+        "    raise ValueError('one read failed')\n"
+        "loop = asyncio.new_event_loop()\n"
+        "try:\n"
+        "    loop.run_until_complete(main())\n"
+        "except ValueError:\n"
+        "    pass\n"
+        "loop.close()\n"
+        "promise.set_result(1)\n"
+        "time.sleep(0.2)\n"
+        "print('done')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout == "done\n", result.stderr
+    assert "Event loop is closed" not in result.stderr and "Traceback" not in result.stderr
