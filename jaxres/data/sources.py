@@ -72,9 +72,23 @@ def not_image_reason(name: str, is_dir: bool = False) -> str | None:
     return None
 
 
+# Warnings already given in this process: a folder read in place is opened by several readers
+# (train and val sources, class names, each protocol trial) and is named once.
+_WARNED: set[tuple[str, ...]] = set()
+
+
+def _first_time(*what: str) -> bool:
+    """True the first time this process is about to warn about `what`."""
+    if what in _WARNED:
+        return False
+    _WARNED.add(what)
+    return True
+
+
 def warn_ignored(folder: str, entries: Sequence[tuple[str, str]]) -> None:
-    """One warning for the files of `folder` left out as not images: how many, and the first few."""
-    if entries:
+    """One warning for the files of `folder` left out as not images: how many, and the first few
+    (once per process for the same folder and files)."""
+    if entries and _first_time(folder, *(key for key, _ in entries)):
         shown = ", ".join(key.rsplit("/", 1)[-1] for key, _ in entries[:IGNORED_SHOWN])
         more = f" and {len(entries) - IGNORED_SHOWN} more" if len(entries) > IGNORED_SHOWN else ""
         log.warning(
@@ -158,6 +172,8 @@ class ImageFolderSource:
         if not self._files:
             raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/.")
         for name in self.empty_classes:
+            if not _first_time(str(root / name), "empty"):
+                continue
             log.warning(
                 "Class folder %s has no images; its label %d is kept (class_names unchanged).",
                 root / name, index[name],
