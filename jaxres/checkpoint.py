@@ -193,10 +193,17 @@ class Checkpointer:
             preservation_policy=preservation,
             save_interval_steps=0 if read_only else 1,  # read_only sets 0 anyway, with a warning.
             create=not read_only,
+            # A save cut short (kill -9, a second Ctrl-C) leaves STEP.orbax-checkpoint-tmp-*; never
+            # a step, it would stay for good: removed when training starts again.
+            cleanup_tmp_directories=not read_only,
             read_only=read_only,
             enable_async_checkpointing=not read_only,
         )
         self._damage: dict[int, list[str]] = {}
+        unfinished = sorted(glob.glob(os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")))
+        if unfinished and not read_only:
+            names = ", ".join(os.path.basename(p) for p in unfinished)
+            log_line(f"Removing unfinished checkpoint save(s) in {self.directory}: {names} (cut short; never a step).")
         ignore_closed_loop_callbacks()
         with _without_read_only_notice():
             self._manager = ocp.CheckpointManager(

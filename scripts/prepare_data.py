@@ -1,4 +1,4 @@
-"""Prepare a dataset once, from its official archives, for training and transfer.
+r"""Prepare a dataset once, from its official archives, for training and transfer.
 
     python scripts/prepare_data.py --dataset imagenet2012 --manual_dir ~/archives --data_dir ~/tensorflow_datasets
     python scripts/prepare_data.py --dataset imagenet2012 --manual_dir ~/archives --data_dir ~/tensorflow_datasets \

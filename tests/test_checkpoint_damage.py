@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from test_cli import REPO, _env
@@ -232,3 +233,33 @@ def test_reads_abandoned_after_a_failure_print_nothing():
     )
     assert result.returncode == 0 and result.stdout == "done\n", result.stderr
     assert "Event loop is closed" not in result.stderr and "Traceback" not in result.stderr
+
+
+def _readme_snippet(containing: str) -> str:
+    readme = open(os.path.join(REPO, "README.md")).read()
+    blocks = readme.split("```python\n")[1:]
+    return next(b.split("```")[0] for b in blocks if containing in b)
+
+
+def test_the_readme_plain_orbax_restore_on_another_device_count_equals_runs_load(trained, tmp_path):
+    """The README's orbax-only snippet, run on 1 device against a run trained on 8."""
+    snippet = _readme_snippet("PyTreeCheckpointHandler().metadata")
+    step_dir = os.path.join(trained[0], "checkpoints", "16")
+    script = snippet.replace('"runs/x/checkpoints/16"', repr(step_dir)) + (
+        "import numpy as np\n"
+        "flat = jax.tree_util.tree_flatten_with_path({'params': params, 'batch_stats': batch_stats})[0]\n"
+        f"np.savez({str(tmp_path / 'w.npz')!r}, "
+        "**{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=_env(1), cwd=REPO, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "devices are different" not in result.stderr and "WARNING" not in result.stderr, result.stderr
+    saved = np.load(tmp_path / "w.npz")
+    loaded = runs.load(trained[0], 16).variables
+    flat = jax.tree_util.tree_flatten_with_path(loaded)[0]
+    assert sorted(saved.files) == sorted(jax.tree_util.keystr(k) for k, _ in flat)
+    for key, value in flat:
+        np.testing.assert_array_equal(saved[jax.tree_util.keystr(key)], np.asarray(value))
