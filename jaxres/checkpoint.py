@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -193,17 +194,12 @@ class Checkpointer:
             preservation_policy=preservation,
             save_interval_steps=0 if read_only else 1,  # read_only sets 0 anyway, with a warning.
             create=not read_only,
-            # A save cut short (kill -9, a second Ctrl-C) leaves STEP.orbax-checkpoint-tmp-*; never
-            # a step, it would stay for good: removed when training starts again.
-            cleanup_tmp_directories=not read_only,
             read_only=read_only,
             enable_async_checkpointing=not read_only,
         )
         self._damage: dict[int, list[str]] = {}
-        unfinished = sorted(glob.glob(os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")))
-        if unfinished and not read_only:
-            names = ", ".join(os.path.basename(p) for p in unfinished)
-            log_line(f"Removing unfinished checkpoint save(s) in {self.directory}: {names} (cut short; never a step).")
+        if not read_only:
+            self._remove_unfinished_saves()
         ignore_closed_loop_callbacks()
         with _without_read_only_notice():
             self._manager = ocp.CheckpointManager(
@@ -214,6 +210,18 @@ class Checkpointer:
                     "meta": ocp.JsonCheckpointHandler(),
                 },
             )
+
+    def _remove_unfinished_saves(self) -> None:
+        """Removes `STEP.orbax-checkpoint-tmp-*` folders: a save cut short (kill -9, a second
+        Ctrl-C) is never a step, and orbax alone would leave it for good (its own clean-up runs
+        in a thread that nothing waits for). Process 0 removes them, as it renames finished saves."""
+        pattern = os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")
+        unfinished = sorted(glob.glob(pattern))
+        if unfinished and jax.process_index() == 0:
+            names = ", ".join(os.path.basename(p) for p in unfinished)
+            log_line(f"Removing unfinished checkpoint save(s) in {self.directory}: {names} (cut short).")
+            for path in unfinished:
+                shutil.rmtree(path, ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -256,7 +256,9 @@ def test_the_readme_plain_orbax_restore_on_another_device_count_equals_runs_load
         timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "devices are different" not in result.stderr and "WARNING" not in result.stderr, result.stderr
+    assert "devices are different" not in result.stderr and "WARNING" not in result.stderr, (
+        result.stderr
+    )
     saved = np.load(tmp_path / "w.npz")
     loaded = runs.load(trained[0], 16).variables
     flat = jax.tree_util.tree_flatten_with_path(loaded)[0]
