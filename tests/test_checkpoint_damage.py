@@ -236,7 +236,8 @@ def test_reads_abandoned_after_a_failure_print_nothing():
 
 
 def _readme_snippet(containing: str) -> str:
-    readme = open(os.path.join(REPO, "README.md")).read()
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
     blocks = readme.split("```python\n")[1:]
     return next(b.split("```")[0] for b in blocks if containing in b)
 

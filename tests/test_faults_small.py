@@ -118,7 +118,8 @@ def test_an_unprepared_tfds_dataset_is_one_clean_line(tmp_path):
 def test_help_keeps_the_usage_examples_line_breaks():
     """A backslash continuation in a non-raw docstring joins the two lines in `--help`."""
     for path in sorted(glob.glob(os.path.join(REPO, "scripts", "*.py"))):
-        source = open(path).read()
+        with open(path) as f:
+            source = f.read()
         docstring = ast.get_source_segment(source, ast.parse(source).body[0].value)
         if "\\\n" in docstring:
             assert "\\\n" in ast.get_docstring(ast.parse(source), clean=False), path
