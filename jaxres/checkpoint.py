@@ -150,7 +150,7 @@ def _ocdbt_damage(state_dir: str) -> list[str]:
 
 def _first_line(error: BaseException, limit: int = 160) -> str:
     """An error's first line without TensorStore's spec dump."""
-    first = str(error).strip().splitlines()[0]
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return re.split(r" \[tensorstore_spec|\. See full TensorStore", first)[0][:limit]
 
 
