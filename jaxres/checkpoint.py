@@ -373,27 +373,35 @@ class Checkpointer:
 
 
 def ignore_closed_loop_callbacks() -> None:
-    """Drops "Event loop is closed" from TensorStore futures that finish after orbax gave up.
+    """Drops the reports of orbax reads abandoned after a failed restore.
 
-    orbax restores in a fresh asyncio loop; when one array read fails, it closes the loop while
-    the other reads are still in flight, and each of those then fails to call back into the
-    closed loop (`call_soon_threadsafe`), which Python reports through `sys.unraisablehook`: a
-    traceback per array (115-164 of them for one damaged step). Those reads are abandoned on
-    purpose, so only that one report is dropped; everything else goes to the previous hook.
-    Installed once per process.
+    orbax restores in a fresh asyncio loop; when one array read fails (a damaged file, an array
+    of another shape), it closes the loop while the other reads are in flight. Each of those
+    then fails to call back into the closed loop (TensorStore's `call_soon_threadsafe`: "Event
+    loop is closed"), and each unfinished read coroutine raises when it is collected; Python
+    reports both through `sys.unraisablehook`, a traceback per array (115-164 for one damaged
+    step). The failure itself is raised and reported once; only these reports are dropped,
+    everything else goes to the previous hook. Installed once per process.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_jaxres_closed_loop_filter", False):
         return
 
     def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            return
-        previous(unraisable)
+        if not _abandoned_read(unraisable):
+            previous(unraisable)
 
     hook._jaxres_closed_loop_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+
+
+def _abandoned_read(unraisable: Any) -> bool:
+    """A closed loop's callback, or an orbax coroutine collected unfinished."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)  # Coroutines only.
+    return code is not None and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in code.co_filename
 
 
 @contextlib.contextmanager

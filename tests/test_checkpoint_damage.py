@@ -6,11 +6,13 @@ halved everywhere, full disk, Ctrl-C: tests/test_faults_local.py."""
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -137,7 +139,9 @@ def test_a_deleted_state_folder(trained, tmp_path):
     assert runs.load(run, "latest").step == 12
 
 
-def test_a_real_mismatch_stays_its_own_error(trained):
+def test_a_real_mismatch_stays_its_own_error(trained, monkeypatch):
+    reported = []  # What Python would print as "Exception ignored in: <coroutine ...>".
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
     checkpoints = os.path.join(trained[0], "checkpoints")
     abstract = _abstract_state(checkpoints, 16)
     kernel = abstract["params"]["head"]["kernel"]
@@ -154,6 +158,9 @@ def test_a_real_mismatch_stays_its_own_error(trained):
         checkpointer.close()
     assert not isinstance(raised.value, ckpt_lib.CheckpointDamaged)
     assert "\n" not in str(raised.value)
+    del raised
+    gc.collect()  # The reads orbax abandoned are collected: nothing reported.
+    assert reported == [], [str(r.exc_value)[:200] for r in reported]
 
 
 def test_resume_init_from_and_resume_from_skip_a_damaged_step(trained, tmp_path, capsys):
@@ -266,3 +273,35 @@ def test_the_readme_plain_orbax_restore_on_another_device_count_equals_runs_load
     assert sorted(saved.files) == sorted(jax.tree_util.keystr(k) for k, _ in flat)
     for key, value in flat:
         np.testing.assert_array_equal(saved[jax.tree_util.keystr(key)], np.asarray(value))
+
+
+def test_only_reads_orbax_abandoned_are_dropped(monkeypatch):
+    """The filter behind the two tests above, case by case: a closed loop's callback and an
+    orbax coroutine collected unfinished are dropped; any other report goes through."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    ckpt_lib.ignore_closed_loop_callbacks()
+    ckpt_lib.ignore_closed_loop_callbacks()  # Installed once.
+
+    def coroutine_from(filename: str):
+        namespace = {}
+        exec(compile("async def read():\n    pass\n", filename, "exec"), namespace)  # noqa: S102
+        return namespace["read"]()
+
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "_src", "x.py")
+    cases = [
+        (RuntimeError("Event loop is closed"), None, False),
+        (
+            Exception("Encountered error while reading array index"),
+            coroutine_from(orbax_file),
+            False,
+        ),
+        (Exception("mine"), coroutine_from(os.path.join(os.sep, "app", "mine.py")), True),
+        (RuntimeError("something else"), None, True),
+    ]
+    for error, obj, shown in cases:
+        before = len(reported)
+        sys.unraisablehook(types.SimpleNamespace(exc_value=error, object=obj))
+        assert (len(reported) == before + 1) == shown, error
+        if obj is not None:
+            obj.close()
