@@ -98,8 +98,8 @@ def damaged_files(step_dir: str) -> list[str]:
     missing = [f"{d}/: missing" for d in _ITEMS if not os.path.isdir(os.path.join(step_dir, d))]
     if missing:
         return missing
-    exists = lambda rel: os.path.isfile(os.path.join(step_dir, rel))  # noqa: E731
-    problems = [f"{rel}: missing" for rel in _REQUIRED_FILES if not exists(rel)]
+    here = [rel for rel in _REQUIRED_FILES if os.path.isfile(os.path.join(step_dir, rel))]
+    problems = [f"{rel}: missing" for rel in _REQUIRED_FILES if rel not in here]
     metadata = None
     for path in _json_files(step_dir):
         rel = os.path.relpath(path, step_dir)
