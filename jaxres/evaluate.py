@@ -88,9 +88,10 @@ class Ensemble:
             out_shardings=replicated,
         )
 
-    def batches(self, source: Any, views: str, batch_size: int, num_workers: int = 0):
-        """(number of batches, iterator of global device batches) over `source`, padded + masked."""
-        return self.preprocessing.device_batches(source, views, batch_size, self.mesh, num_workers)
+    def batches(self, source: Any, views: str, batch_size: int, num_workers: int = 0, name: str = "eval_batch_size"):
+        """(number of batches, iterator of global device batches) over `source`, padded + masked;
+        `name`: where `batch_size` came from, for the error when it does not divide."""
+        return self.preprocessing.device_batches(source, views, batch_size, self.mesh, num_workers, name)
 
     def probabilities(self, source: Any, views: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-example probabilities [N, C] and masks [N] (0: undecodable), in source order."""
@@ -101,9 +102,11 @@ class Ensemble:
             masks.append(parallel.gather_rows(batch["mask"]))
         return np.concatenate(probs)[: len(source)], np.concatenate(masks)[: len(source)]
 
-    def score(self, source: Any, views: str, batch_size: int, num_workers: int = 0) -> dict[str, Any]:
+    def score(
+        self, source: Any, views: str, batch_size: int, num_workers: int = 0, name: str = "eval_batch_size"
+    ) -> dict[str, Any]:
         """count, top-1, top-5, mean per-class accuracy and loss over every example of `source`."""
-        num, batches = self.batches(source, views, batch_size, num_workers)
+        num, batches = self.batches(source, views, batch_size, num_workers, name)
         total = metrics.sum_over_batches(self.sums_fn, self.variables, console.progress_bar(batches, num, "eval"))
         return metrics.summarize_sums(total)
 
@@ -126,7 +129,8 @@ def evaluate_runs(
       split: the split to read (default: the first run's `dataset.val_split`).
       crops: 1 (centre crop) or 10 (10-crop, softmax averaged).
       data_dir: overrides the first run's `dataset.data_dir`.
-      batch_size: global batch (default: the first run's `eval_batch_size`).
+      batch_size: global batch, the script's `--batch_size` (default: the first run's
+        `eval_batch_size`); a size that does not divide over the devices is named as given.
       devices: devices of the mesh (default: all).
 
     Returns:
@@ -141,8 +145,10 @@ def evaluate_runs(
         dataset.data_dir = data_dir
     split = split or dataset.val_split
     source = sources.open_source(dataset, split)  # The whole split: no val_limit here.
+    name = "--batch_size" if batch_size else "eval_batch_size"
     batch_size = batch_size or members[0].config.eval_batch_size
-    result = ensemble.score(source, CROPS_TO_VIEWS[crops], batch_size, members[0].config.input.num_workers)
+    num_workers = members[0].config.input.num_workers
+    result = ensemble.score(source, CROPS_TO_VIEWS[crops], batch_size, num_workers, name)
     log_line(
         f"{split}: {result['count']} of {len(source)} images counted | top-1 {result['top1']:.4f} | "
         f"top-5 {result['top5']:.4f} | mean per-class {result['mean_per_class']:.4f} | loss {result['loss']:.4f}"

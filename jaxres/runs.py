@@ -241,9 +241,10 @@ def load(run: str, checkpoint: str | int = "latest", use_ema: bool = True) -> Lo
     checkpointer = open_checkpoints(run)
     try:
         step = ckpt_lib.resolve_step(checkpointer, which)
-        if which == "latest":  # A damaged newest step is named and the previous one used.
+        if which == "latest":  # Damage found only while reading: named, and the previous step used.
             read = lambda s: (checkpointer.restore_params(s), checkpointer.restore_meta(s))  # noqa: E731
-            step, (restored, meta) = ckpt_lib.restore_newest_intact(checkpointer, checkpointer.all_steps(), read)
+            older = [s for s in checkpointer.all_steps() if s <= step]
+            step, (restored, meta) = ckpt_lib.restore_newest_intact(checkpointer, older, read)
         else:
             restored, meta = checkpointer.restore_params(step), checkpointer.restore_meta(step)
     finally:

@@ -60,6 +60,7 @@ def _throughput(f) -> None:
     elif f.framework == "jax":
         row = steps.bench_jax(f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.image_size)
     else:
+        _need_torch("--framework torch")
         from jaxres.bench import torch_ref as bench_torch
 
         row = bench_torch.bench_torch(
@@ -72,11 +73,22 @@ def _throughput(f) -> None:
             out.write("# Benchmark results (newest first)\n\n" + steps.render_markdown() + "\n")
 
 
+def _need_torch(what: str) -> None:
+    """One line naming the extra when PyTorch is not installed (the core install has none)."""
+    import importlib.util
+
+    from jaxres.errors import ConfigError
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
+        raise ConfigError(f"{what}: PyTorch is not installed; pip install -e '.[convert]'.")
+
+
 def _ops(f) -> dict:
     from jaxres.bench import op_profile, steps
 
     result = {}
     if "profile" in f.ops_parts:
+        _need_torch("--what ops compares every conv with PyTorch's (--ops_parts train_ab needs no torch)")
         result = op_profile.run_op_profile(f.model, f.image_size, f.batch_size, reps=f.steps,
                                            whole_step=f.ops_whole_step)
         print(op_profile.format_markdown(result))

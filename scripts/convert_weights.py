@@ -1,4 +1,4 @@
-"""Import pretrained weights from a local file into a jaxres run directory.
+r"""Import pretrained weights from a local file into a jaxres run directory.
 
     python scripts/convert_weights.py --source keras --model ResNet50V2 \
         --input resnet50v2_weights_tf_dim_ordering_tf_kernels.h5 --output runs/keras_r50v2

@@ -1,4 +1,4 @@
-"""Export a run's weights: timm / torchvision state dicts, or a self-contained jax.export file.
+r"""Export a run's weights: timm / torchvision state dicts, or a self-contained jax.export file.
 
     python scripts/export_weights.py --workdir runs/r50 --checkpoint best \
         --format torchvision --output exports/r50.safetensors

@@ -1,4 +1,4 @@
-"""Start N local processes of one command, as a cluster of N hosts would.
+r"""Start N local processes of one command, as a cluster of N hosts would.
 
     python scripts/launch_local.py --num_processes 2 -- \
         python scripts/train.py --config configs/demo.py --workdir runs/demo2

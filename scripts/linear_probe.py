@@ -1,4 +1,4 @@
-"""Linear probes on a model's frozen features under a transfer protocol.
+r"""Linear probes on a model's frozen features under a transfer protocol.
 
     python scripts/linear_probe.py --config configs/transfer/caltech101.py --workdir runs/probe_c101 \
         --config.model.checkpoint=runs/r50 --config.dataset.data_dir=/data/tfds

@@ -1,4 +1,4 @@
-"""Top-k predictions for images: `python scripts/predict.py --workdir runs/demo --top_k 3 a.jpg FOLDER`.
+r"""Top-k predictions for images: `python scripts/predict.py --workdir runs/demo --top_k 3 a.jpg FOLDER`.
 
     python scripts/predict.py --workdir runs/demo --top_k 3 --output runs/demo/preds.csv \
         --grid runs/demo/predictions.png ~/.cache/jaxres/digits/val/7

@@ -1,4 +1,4 @@
-"""Prepare a dataset once, from its official archives, for training and transfer.
+r"""Prepare a dataset once, from its official archives, for training and transfer.
 
     python scripts/prepare_data.py --dataset imagenet2012 --manual_dir ~/archives --data_dir ~/tensorflow_datasets
     python scripts/prepare_data.py --dataset imagenet2012 --manual_dir ~/archives --data_dir ~/tensorflow_datasets \
@@ -17,7 +17,7 @@ Train on the result with --config.dataset.name=NAME --config.dataset.data_dir=DA
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from jaxres import cli
 
@@ -81,8 +81,16 @@ def main(argv):
         manual_dir = os.path.expanduser(f.manual_dir)
         data_dir = os.path.expanduser(f.data_dir) if f.data_dir else None
         if f.split_lists_only:
-            for path in splits.write_split_lists(manual_dir, f.val_fraction, f.seed).values():
-                logging.info("Wrote %s", path)
+            written = splits.write_split_lists(manual_dir, f.val_fraction, f.seed)
+            counts = ", ".join(
+                f"{path} ({len(path.read_text().splitlines())} images)" for path in written.values()
+            )
+            print(
+                f"Wrote the split lists {counts}; the images stay in place. Train on them with "
+                f"--config.dataset.name=imagefolder --config.dataset.data_dir={manual_dir} "
+                "--config.dataset.val_split=val",
+                flush=True,
+            )
             return
         quality = f.jpeg_quality or (
             records.RESIZED_JPEG_QUALITY if f.resize_shorter else records.PREPARE_JPEG_QUALITY
@@ -108,7 +116,7 @@ def main(argv):
             )
         else:
             out = recipes.DATASETS[f.dataset](manual_dir, data_dir, **common)
-        logging.info("Ready: %s", out)
+        print(f"Ready: {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -278,6 +278,11 @@ def test_image_folder_source_names_what_it_ignores(tmp_path, caplog):
     assert source.empty_classes == ["empty"]
     assert "empty has no images; its label 2 is kept" in caplog.text
 
+    caplog.clear()  # Read again in place (class names, another split, a probe trial): named once.
+    again = sources.ImageFolderSource(tmp_path / "photos")
+    assert again.ignored == source.ignored and again.empty_classes == ["empty"]
+    assert "not images" not in caplog.text and "has no images" not in caplog.text
+
 
 @pytest.mark.parametrize("truncated", ["keep", "skip"])
 def test_prepare_imagefolder_lists_skipped_files_with_reasons(tmp_path, caplog, truncated):

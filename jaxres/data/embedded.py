@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from jaxres.errors import DataError
+
 DIGITS_IMAGE_SIZE = 32
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -41,6 +43,21 @@ def write_digits(root: str | os.PathLike) -> Path:
     out = Path(root) / "digits"
     if (out / DONE_MARKER).exists():
         return out
+    # Intended: data_dir is where datasets are written (the demo's default: ~/.cache/jaxres), and
+    # the embedded one is written there on first use. Said, since it may create data_dir itself.
+    from jaxres.console import log_line
+
+    log_line(f"Writing the embedded digits dataset (1,797 images, first use) to {out}.")
+    try:
+        return _write(out)
+    except OSError as e:
+        raise DataError(
+            f"Cannot write the embedded digits dataset to {out} ({e.strerror or e}); pass a writable "
+            "--config.dataset.data_dir (the demo's default is ~/.cache/jaxres)."
+        ) from None
+
+
+def _write(out: Path) -> Path:
     from sklearn.datasets import load_digits  # Only needed once, to write the files.
 
     digits = load_digits()

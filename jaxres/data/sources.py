@@ -72,9 +72,23 @@ def not_image_reason(name: str, is_dir: bool = False) -> str | None:
     return None
 
 
+# Warnings already given in this process: a folder read in place is opened by several readers
+# (train and val sources, class names, each protocol trial) and is named once.
+_WARNED: set[tuple[str, ...]] = set()
+
+
+def _first_time(*what: str) -> bool:
+    """True the first time this process is about to warn about `what`."""
+    if what in _WARNED:
+        return False
+    _WARNED.add(what)
+    return True
+
+
 def warn_ignored(folder: str, entries: Sequence[tuple[str, str]]) -> None:
-    """One warning for the files of `folder` left out as not images: how many, and the first few."""
-    if entries:
+    """One warning for the files of `folder` left out as not images: how many, and the first few
+    (once per process for the same folder and files)."""
+    if entries and _first_time(folder, *(key for key, _ in entries)):
         shown = ", ".join(key.rsplit("/", 1)[-1] for key, _ in entries[:IGNORED_SHOWN])
         more = f" and {len(entries) - IGNORED_SHOWN} more" if len(entries) > IGNORED_SHOWN else ""
         log.warning(
@@ -158,6 +172,8 @@ class ImageFolderSource:
         if not self._files:
             raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/.")
         for name in self.empty_classes:
+            if not _first_time(str(root / name), "empty"):
+                continue
             log.warning(
                 "Class folder %s has no images; its label %d is kept (class_names unchanged).",
                 root / name, index[name],
@@ -300,6 +316,21 @@ class ArrayRecordSource:
         )
 
 
+def _not_prepared(name: str, data_dir: str | None) -> str:
+    """One line: `name` is not prepared (by prepare_data.py or tfds) under `data_dir`; the fix."""
+    from jaxres.data.prepare import recipes  # Only on this error path.
+
+    where = f"--config.dataset.data_dir={data_dir}" if data_dir else "tfds's default data_dir"
+    if name in recipes.DATASETS:
+        fix = (
+            f"prepare it once: python scripts/prepare_data.py --dataset {name} --manual_dir ARCHIVES "
+            "--data_dir DIR, then pass --config.dataset.data_dir=DIR"
+        )
+    else:
+        fix = f"prepare it with tfds (tfds build {name} --data_dir DIR) or pass the data_dir holding it"
+    return f"Dataset {name!r} is not prepared under {where}; {fix}."
+
+
 class TfdsSource:
     """A tfds dataset prepared as array_record, images kept as encoded bytes."""
 
@@ -308,15 +339,16 @@ class TfdsSource:
 
         try:
             builder = tfds.builder(name, data_dir=data_dir)
+            if not builder.is_prepared():  # tfds would say something about file formats.
+                raise DataError(_not_prepared(name, data_dir))
             self._source = builder.as_data_source(
                 split=split, decoders={"image": tfds.decode.SkipDecoding()}
             )
+        except DataError:
+            raise
         except Exception as e:  # noqa: BLE001 - tfds raises many types for "not prepared".
-            raise DataError(
-                f"tfds dataset {name!r} split {split!r} is not prepared under data_dir={data_dir!r} "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Prepare it first: "
-                f"python scripts/prepare_data.py --dataset {name} --manual_dir DIR --data_dir DIR"
-            ) from None
+            cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise DataError(f"{_not_prepared(name, data_dir)} (tfds: {cause})") from None
         self.class_names = list(builder.info.features["label"].names)
         self._split = split
         self._labels_cache = Path(builder.data_dir) / f"jaxres_labels_{split.replace('/', '_')}.npy"
