@@ -208,6 +208,38 @@ def _sbatch_until(cluster, workdir: str, data_dir: str, log, after: int, fault: 
     return output, job_id
 
 
+def test_a_killed_task_ends_the_job_at_once_with_one_line(cluster, data_dir, tmp_path):
+    """kill -9 of one task of a train.sbatch job: the other's next collective fails, it names the
+    lost task in one line (exit 3); srun --kill-on-bad-exit ends the step; the job FAILED with the
+    killed task's 137, not requeued (a task failure is not a node failure: resubmit); the
+    checkpoints written before stay intact."""
+    workdir, log = str(tmp_path / "run"), str(tmp_path / "job.out")
+    job_id = _sbatch(cluster, workdir, data_dir, log)
+    _wait_for_step(cluster, workdir, 6, job_id)
+    listed = cluster.run("scontrol", "listpids", job_id).stdout.splitlines()[1:]  # PID JOBID STEPID LOCALID GLOBALID
+    (pid,) = [int(f[0]) for f in map(str.split, listed) if f[2] == "0" and f[4] == "1" and _is_train(f[0])]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    job = _wait_for_end(cluster, job_id)
+    ended_s = time.time() - killed
+    print(f"kill -9 of task 1 -> {job} in {ended_s:.1f} s")
+    with open(log) as f:
+        output = f.read()
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "137:0" and job["Restarts"] == "0", output[-3000:]
+    assert ended_s < 60
+    assert "lost process 1 of 2" in _one_error_line(output) and "task 0: Exited with exit code 3" in output
+    assert 4 <= _saved_step(workdir) < 16
+
+
+def _is_train(pid: str) -> bool:
+    """Whether the process is a train.py task (listpids also lists the step's slurmstepd helpers)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"train.py" in f.read()
+    except OSError:
+        return False
+
+
 def _one_error_line(output: str) -> str:
     """The jaxres error every task printed (the same line from each), of which there is one."""
     errors = {line for line in output.splitlines() if line.startswith("jaxres error:")}
