@@ -1,7 +1,7 @@
 """jaxres under a real SLURM scheduler: README's srun line and scripts/slurm/train.sbatch run on a
 one-node cluster the tests start (tests/slurm_cluster.py; 2 tasks x 1 CPU device, gloo), then
 preempted (scancel --signal=TERM, and the batch-shell signal of `--signal=B:TERM@N`), requeued
-(scontrol requeue) and launched wrongly. Skipped, with the reason, where SLURM is not installed
+(scontrol requeue), with a task killed (kill -9) and launched wrongly. Skipped, with the reason, where SLURM is not installed
 or not root; `.ci/run` installs it. The same faults under scripts/launch_local.py: test_faults.py.
 """
 
