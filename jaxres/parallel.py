@@ -78,6 +78,13 @@ def initialize_distributed(
             "--coordinator_address needs --num_processes and --process_id too "
             "(or use --multihost to let JAX detect a SLURM/MPI cluster)."
         )
+    if not explicit and (num_processes is not None or process_id is not None):
+        # jax.distributed would take them over the scheduler's own count: a count that differs
+        # from the tasks started leaves every process waiting for the missing ones.
+        raise ConfigError(
+            "--multihost takes the process count and index from the cluster (SLURM: srun -n N): "
+            "drop --num_processes / --process_id, or give them with --coordinator_address instead."
+        )
     # CPU devices of different processes talk through gloo (the default refuses
     # cross-process collectives); GPU backends ignore this setting. It must be set
     # before anything touches a backend, so no `jax.default_backend()` check here.
@@ -87,7 +94,31 @@ def initialize_distributed(
             coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds
         )
     else:
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        try:
+            jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        except ValueError as e:  # JAX detected no cluster: it cannot tell where process 0 is.
+            if "coordinator_address" not in str(e):
+                raise
+            raise ConfigError(_no_cluster_message()) from None
+
+
+def _no_cluster_message() -> str:
+    """What to do when --multihost runs where JAX detects no cluster.
+
+    JAX reads a SLURM job *step* (SLURM_STEP_NODELIST, SLURM_PROCID..., set by srun), Open MPI,
+    Kubernetes or a Cloud TPU; without one, `jax.distributed.initialize()` raises a bare
+    ValueError. An sbatch script that runs train.py without srun is in a job but not in a step.
+    """
+    if "SLURM_JOB_ID" in os.environ:
+        return (
+            f"--multihost in SLURM job {os.environ['SLURM_JOB_ID']} but outside a job step: start "
+            "train.py with srun (one task per process), as scripts/slurm/train.sbatch does."
+        )
+    return (
+        "--multihost found no cluster to join (no SLURM job step, Open MPI, Kubernetes or Cloud "
+        "TPU): start it under srun (scripts/slurm/train.sbatch), or give --coordinator_address, "
+        "--num_processes and --process_id (scripts/launch_local.py for processes on one machine)."
+    )
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

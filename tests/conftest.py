@@ -76,7 +76,8 @@ def one_process_reference(tmp_path_factory):
 # The slowest files first (seconds of one `make test` on 2 AVX2 cores, 30 Nov 2026): with one
 # file per worker at a time, a long file started last keeps one worker busy after the other is
 # done. The rest keep their order.
-SLOW_FILES = ("test_train.py", "test_convert.py", "test_faults.py", "test_export.py",  # 108, 83, 77, 69
+SLOW_FILES = ("test_slurm.py",  # A SLURM cluster and eight 2-task jobs: the longest (6-7 min).
+              "test_train.py", "test_convert.py", "test_faults.py", "test_export.py",  # 108, 83, 77, 69
               "test_faults_local.py", "test_models.py", "test_transfer_export.py")  # 67, 59, 59
 
 

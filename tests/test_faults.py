@@ -90,9 +90,13 @@ def test_two_processes_match_one(one_process_reference, two_process_reference):
     Only the reduction order differs (gloo all-reduce vs in-process), so the
     losses agree to 1e-4 relative and val top-1 to one image in 100.
     """
-    one = one_process_reference[0]
     two, output = two_process_reference
     assert "2 devices, 2 process(es)" in output
+    _assert_matches_one_process(one_process_reference[0], two)
+
+
+def _assert_matches_one_process(one: str, two: str) -> None:
+    """The 2-process run in workdir `two` equals the 1-process run in `one` up to reduction order."""
     one_rows = [r for r in _rows(one) if "loss" in r]
     two_rows = [r for r in _rows(two) if "loss" in r]
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows]
