@@ -225,10 +225,11 @@ def test_benchmark_against_the_logistic_probe(seeds=(0, 1, 2)):
     JAX_PLATFORMS=cpu .venv/bin/python -c "import tests.test_mlp_head as t; \
         t.test_benchmark_against_the_logistic_probe()"
     """
-    from jaxres.bench.probe import CALTECH101_SHAPE, machine_load, synthetic_features
+    from jaxres.bench.common import load_average
+    from jaxres.bench.probe import CALTECH101_SHAPE, synthetic_features
 
     c, d = CALTECH101_SHAPE["num_classes"], CALTECH101_SHAPE["dim"]
-    print(jax.devices()[0].device_kind, len(jax.devices()), "devices;", machine_load())
+    print(jax.devices()[0].device_kind, len(jax.devices()), "devices;", "load average", load_average())
     print("| seed | logistic top-1 | logistic fit s | MLP top-1 | MLP fit s | MLP steps |")
     for seed in seeds:
         x, y = synthetic_features(c, CALTECH101_SHAPE["train_per_class"], d, seed)
@@ -241,4 +242,4 @@ def test_benchmark_against_the_logistic_probe(seeds=(0, 1, 2)):
             row += [f"{fitted.score(xt, yt)['top1']:.2%}", f"{seconds:.1f}"]
         row.append(fitted.steps_)
         print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
-    print(machine_load())
+    print("load average", load_average())

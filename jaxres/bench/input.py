@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxres.bench import common
 from jaxres.data import pipeline, sources, transforms
 from jaxres.data.prepare import records as prepare_records
 
@@ -93,12 +94,7 @@ def _best_rate(fn: Callable[[Any], Any], items: list, repeats: int) -> float:
     """Items/s of `fn` over `items`: best of `repeats` passes, after one warm-up pass."""
     for item in items[: max(1, len(items) // 8)]:
         fn(item)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for item in items:
-            fn(item)
-        best = min(best, time.perf_counter() - start)
+    best, _ = common.best_time(lambda: [fn(item) for item in items], repeats)
     return len(items) / best
 
 
@@ -348,8 +344,8 @@ def run_input_benchmark(
         all_cores = _all_cores(source, image_size, batch_size, repeats, with_tf)
     return {
         "machine": {
-            "cpu": _cpu_name(),
-            "cores": len(os.sched_getaffinity(0)),
+            "cpu": common.cpu_model(),
+            "cores": common.cores(),
             "python": platform.python_version(),
             "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()],
@@ -364,16 +360,6 @@ def run_input_benchmark(
         "per_core": per_core,
         "all_cores": all_cores,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def format_markdown(result: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxres import parallel, train
+from jaxres.bench import common
 from jaxres.config_transfer import base_transfer_config
 from jaxres.transfer import probe, runner, sampling
 
@@ -61,31 +62,13 @@ def synthetic_features(
     return x.astype(np.float32), y
 
 
-def machine_load() -> str:
-    """The 1 / 5 / 15-minute load averages (other jobs on the CPU skew timings)."""
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
-
-
-def _best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Minimum wall time over `repeats` calls (the least disturbed by other jobs) and the last result."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        if isinstance(result, jax.Array):  # Probes' fit() already waits for its results.
-            result.block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def matmul_flops(n: int, d: int, c: int, repeats: int = 20) -> float:
     """Measured FLOP/s of the probe's matmul shape [n, d] x [d, c] (float32, jitted)."""
     x = jnp.asarray(np.random.default_rng(0).random((n, d), np.float32))
     w = jnp.asarray(np.random.default_rng(1).random((d, c), np.float32))
     f = jax.jit(lambda x, w: x @ w)
     f(x, w).block_until_ready()
-    t, _ = _best_time(lambda: f(x, w), repeats)
+    t, _ = common.best_time(lambda: f(x, w), repeats)
     return 2 * n * d * c / t
 
 
@@ -95,19 +78,17 @@ def single_fit_comparison(data: dict, l2: float, tol: float, repeats: int) -> di
     from sklearn.preprocessing import StandardScaler
 
     (x, y), (xt, yt) = data["train"], data["test"]
-    start = time.perf_counter()
-    ours = probe.LogisticProbe(l2s=[l2], tol=tol).fit(x, y)
-    cold = time.perf_counter() - start
-    warm, ours = _best_time(lambda: probe.LogisticProbe(l2s=[l2], tol=tol).fit(x, y), repeats)
+    cold, _ = common.timed(lambda: probe.LogisticProbe(l2s=[l2], tol=tol).fit(x, y))
+    warm, ours = common.best_time(lambda: probe.LogisticProbe(l2s=[l2], tol=tol).fit(x, y), repeats)
     scaler = StandardScaler().fit(x)
     xs, xts = scaler.transform(x), scaler.transform(xt)
 
     def sk_fit():
         return LogisticRegression(C=1.0 / (l2 * len(x)), tol=tol, max_iter=10_000).fit(xs, y)
 
-    sk_time, sk = _best_time(sk_fit, repeats)
-    ridge_time, ridge = _best_time(lambda: probe.RidgeProbe(l2s=[1.0]).fit(x, y), repeats)
-    skr_time, skr = _best_time(lambda: RidgeClassifier(alpha=ridge.l2_abs_).fit(x, y), repeats)
+    sk_time, sk = common.best_time(sk_fit, repeats)
+    ridge_time, ridge = common.best_time(lambda: probe.RidgeProbe(l2s=[1.0]).fit(x, y), repeats)
+    skr_time, skr = common.best_time(lambda: RidgeClassifier(alpha=ridge.l2_abs_).fit(x, y), repeats)
     # Two [N, D + 1] x [D + 1, C] matmuls per iteration, two more to start (and two for the
     # refit's start, which finds the fit converged).
     iterations = sum(ours.iterations_)
@@ -192,7 +173,7 @@ def protocol_sweep(
     for trial in trials:
         train, test = (x[trial.train], y[trial.train]), (x[trial.test], y[trial.test])
         if backend == "ours":
-            row, _ = runner.fit_and_score(
+            row, _, _ = runner.fit_and_score(
                 method, config, trial.seed, train, test, len(names), mesh
             )
         else:
@@ -218,18 +199,22 @@ def protocol_sweep(
     }
 
 
-def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> dict[str, Any]:
+def run_probe_benchmark(
+    seed: int = 0, repeats: int = 3, sweep: bool = True, num_classes: int = 102, dim: int = 2048
+) -> dict[str, Any]:
     """Fit time and test accuracy, ours vs scikit-learn (see the module docstring).
 
     Args:
       seed: of the synthetic features.
+      num_classes, dim: of the synthetic features (default: Caltech-101's classes and
+        ResNet-50's 2,048 features; 30 train and 50 test images per class either way).
       repeats: timed repetitions of each single fit (the minimum is kept).
       sweep: also time the whole Caltech-101 protocol sweep (minutes with scikit-learn).
 
     Returns:
       A JSON-ready dict of timings, iterations, accuracies, the measured matmul FLOP/s and the load.
     """
-    shape = CALTECH101_SHAPE
+    shape = dict(CALTECH101_SHAPE, num_classes=num_classes, dim=dim)
     c, d = shape["num_classes"], shape["dim"]
     data = {
         "num_classes": c,
@@ -241,7 +226,7 @@ def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> 
         "shape": shape,
         "devices": str(jax.devices()[0].device_kind),
         "cpus": os.cpu_count(),
-        "load_before": machine_load(),
+        "load_before": common.load_average(),
         "matmul_gflops": data["flops"] / 1e9,
     }
     out["single_fit"] = [
@@ -264,7 +249,7 @@ def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> 
         for m, b in runs:  # The second "ours" run finds its functions compiled.
             key = f"{m}/{b}" + ("_compiled" if f"{m}/{b}" in out["sweep"] else "")
             out["sweep"][key] = protocol_sweep(pool, m, b, 1e-4)
-    out["load_after"] = machine_load()
+    out["load_after"] = common.load_average()
     return out
 
 
@@ -272,12 +257,8 @@ def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> 
 
 
 def _time_batches(run: Callable[[], Any], batch: int, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        run()
-    start = time.perf_counter()
-    for _ in range(steps):
-        run()
-    return batch * steps / (time.perf_counter() - start)
+    """Images/s of `run` (one batch a call) over `steps` calls after `warmup`."""
+    return batch * steps / sum(common.call_times(run, steps, warmup))
 
 
 def jax_features_speed(model_name: str, batch: int, size: int, steps: int, warmup: int) -> float:
@@ -344,10 +325,12 @@ def run_feature_benchmark(
     image_size: int = 224,
     steps: int = 5,
     warmup: int = 2,
+    frameworks: Sequence[str] = ("jaxres", "torchvision", "keras_jax"),
 ) -> dict[str, Any]:
     """ResNet-50 feature extraction img/s: jaxres vs torchvision vs Keras 3 (JAX backend), one process.
 
-    A framework that is not installed gets a note instead of a number.
+    A framework that is not installed gets a note instead of a number; `frameworks` picks
+    which run.
     """
     threads = os.cpu_count() or 1
     out = {
@@ -357,7 +340,7 @@ def run_feature_benchmark(
         "steps": steps,
         "threads": threads,
         "jax_devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "load_before": machine_load(),
+        "load_before": common.load_average(),
     }
     runs = {
         "jaxres": lambda: jax_features_speed(model, batch_size, image_size, steps, warmup),
@@ -365,11 +348,13 @@ def run_feature_benchmark(
         "keras_jax": lambda: keras_features_speed(batch_size, image_size, steps, warmup),
     }
     for name, run in runs.items():
+        if name not in frameworks:
+            continue
         try:
             out[name] = {"img_per_sec": run()}
         except ImportError as e:
             out[name] = {
                 "skipped": f"not installed ({e.name}); pip install torch==2.14.1 torchvision==0.29.1 keras"
             }
-    out["load_after"] = machine_load()
+    out["load_after"] = common.load_average()
     return out
