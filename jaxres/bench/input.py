@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from jaxres.bench import common
-from jaxres.data import pipeline, sources, transforms
+from jaxres.data import decode, pipeline, sources, transforms
 from jaxres.data.prepare import records as prepare_records
 
 EVAL_RESIZE_SHORTER = 256
@@ -103,7 +103,7 @@ def _pil_train(image_size: int) -> Callable[[dict], np.ndarray]:
     rng = np.random.default_rng(0)
 
     def fn(record):
-        image = transforms.decode(record["image"])
+        image = decode.decode(record["image"])
         left, top, w, h = transforms.random_resized_crop_box(*image.size, rng, (0.08, 1.0))
         image = image.resize(
             (image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
@@ -130,7 +130,7 @@ def _pil_eval(image_size: int) -> Callable[[dict], np.ndarray]:
     """Plain PIL: full decode, resize the whole image to shorter side 256, centre crop."""
 
     def fn(record):
-        image = _resize_shorter(transforms.decode(record["image"]), EVAL_RESIZE_SHORTER)
+        image = _resize_shorter(decode.decode(record["image"]), EVAL_RESIZE_SHORTER)
         return np.asarray(_center_crop(image, image_size))
 
     return fn
@@ -204,7 +204,7 @@ def _per_core(
     train, evaluate = transforms.TrainTransform(image_size), transforms.EvalTransform(image_size)
     augmented = transforms.TrainTransform(image_size, randaugment=BENCH_RANDAUGMENT)
     rates = {
-        "decode only: PIL": _best_rate(lambda r: transforms.decode(r["image"]), records, repeats),
+        "decode only: PIL": _best_rate(lambda r: decode.decode(r["image"]), records, repeats),
         "decode only: simplejpeg": _best_rate(
             lambda r: simplejpeg.decode_jpeg(r["image"], fastdct=True), records, repeats
         ),
