@@ -32,7 +32,7 @@ import numpy as np
 from jaxres import parallel, train
 from jaxres.bench import common
 from jaxres.config_transfer import base_transfer_config
-from jaxres.transfer import probe, runner, sampling
+from jaxres.transfer import logistic, probe, runner, sampling
 
 CALTECH101_SHAPE = {"num_classes": 102, "dim": 2048, "train_per_class": 30, "test_per_class": 50}
 
@@ -72,14 +72,78 @@ def matmul_flops(n: int, d: int, c: int, repeats: int = 20) -> float:
     return 2 * n * d * c / t
 
 
+# ------------------------------------------------------------------ optax.lbfgs, the alternative
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "max_iter", "memory"))
+def optax_logistic_path(
+    x, y, fit_mask, hold_mask, mu, sigma, l2s, theta, tol, *, num_classes, max_iter, memory=10
+):
+    """`logistic.logistic_path` (sweep + refit, same arguments and result) by `optax.lbfgs`.
+
+    The same objective, standardisation, start, penalty order, warm start from the previous
+    penalty's solution (not its curvature memory: optax's state holds no penalty to shift)
+    and stopping rule (max |grad F| <= tol); optax's zoom line search evaluates value and
+    gradient (two [N, D] x [D, C] matmuls) at every trial step.
+    """
+    import optax
+
+    z = logistic.design_matrix(x, mu, sigma)
+    onehot = jax.nn.one_hot(y, num_classes)
+    pen = jnp.ones((z.shape[1], 1)).at[-1].set(0.0)
+
+    def fit(theta, mask, l2):
+        w = mask / jnp.maximum(mask.sum(), 1.0)
+
+        def loss(theta):
+            logp = jax.nn.log_softmax(z @ theta)
+            return -(w * (onehot * logp).sum(-1)).sum() + 0.5 * l2 * jnp.vdot(pen * theta, theta)
+
+        opt = optax.lbfgs(memory_size=memory)
+        value_and_grad = optax.value_and_grad_from_state(loss)
+
+        def step(carry):
+            theta, state, k = carry
+            value, grad = value_and_grad(theta, state=state)
+            updates, state = opt.update(grad, state, theta, value=value, grad=grad, value_fn=loss)
+            return optax.apply_updates(theta, updates), state, k + 1
+
+        def more(carry):
+            _, state, k = carry
+            grad_max = jnp.max(jnp.abs(optax.tree_utils.tree_get(state, "grad")))
+            return (k == 0) | ((k < max_iter) & (grad_max > tol))
+
+        theta, state, k = jax.lax.while_loop(more, step, (theta, opt.init(theta), jnp.int32(0)))
+        return theta, k, jnp.max(jnp.abs(optax.tree_utils.tree_get(state, "grad")))
+
+    def one(theta, l2):
+        theta, k, _ = fit(theta, fit_mask, l2)
+        top1 = probe.accuracy(z @ theta, y, hold_mask, num_classes)["top1"]
+        return theta, {"theta": theta, "holdout_top1": top1, "iterations": k}
+
+    _, path = jax.lax.scan(one, theta, l2s)
+    best = jnp.argmax(path["holdout_top1"])
+    theta, k, grad_max = fit(path["theta"][best], fit_mask + hold_mask, l2s[best])
+    path.update(best=best, final={"theta": theta, "iterations": k, "grad_max": grad_max})
+    return path
+
+
+class OptaxLogisticProbe(logistic.LogisticProbe):
+    """`logistic.LogisticProbe` fitted by `optax.lbfgs` (`optax_logistic_path`): the yardstick."""
+
+    solver = staticmethod(optax_logistic_path)
+
+
 def single_fit_comparison(data: dict, l2: float, tol: float, repeats: int) -> dict[str, Any]:
     """One logistic fit at a fixed L2 (ours vs scikit-learn) and one ridge fit, with test accuracy."""
     from sklearn.linear_model import LogisticRegression, RidgeClassifier
     from sklearn.preprocessing import StandardScaler
 
     (x, y), (xt, yt) = data["train"], data["test"]
-    cold, _ = common.timed(lambda: probe.LogisticProbe(l2s=[l2], tol=tol).fit(x, y))
-    warm, ours = common.best_time(lambda: probe.LogisticProbe(l2s=[l2], tol=tol).fit(x, y), repeats)
+    cold, _ = common.timed(lambda: logistic.LogisticProbe(l2s=[l2], tol=tol).fit(x, y))
+    warm, ours = common.best_time(lambda: logistic.LogisticProbe(l2s=[l2], tol=tol).fit(x, y), repeats)
+    optax_cold, _ = common.timed(lambda: OptaxLogisticProbe(l2s=[l2], tol=tol).fit(x, y))
+    optax_warm, opt = common.best_time(lambda: OptaxLogisticProbe(l2s=[l2], tol=tol).fit(x, y), repeats)
     scaler = StandardScaler().fit(x)
     xs, xts = scaler.transform(x), scaler.transform(xt)
 
@@ -106,7 +170,15 @@ def single_fit_comparison(data: dict, l2: float, tol: float, repeats: int) -> di
             "seconds_with_compile": cold,
             "iterations": iterations,
             "top1": ours.score(xt, yt)["top1"],
+            "grad_max": ours.grad_max_,
             "flop_bound_seconds": flop_bound,
+        },
+        "optax_logistic": {
+            "seconds": optax_warm,
+            "seconds_with_compile": optax_cold,
+            "iterations": sum(opt.iterations_),
+            "top1": opt.score(xt, yt)["top1"],
+            "grad_max": opt.grad_max_,
         },
         "sklearn_logistic": {
             "seconds": sk_time,
@@ -160,12 +232,13 @@ def _sklearn_probe(
 def protocol_sweep(
     pool: tuple[np.ndarray, np.ndarray], method: str, backend: str, tol: float
 ) -> dict[str, Any]:
-    """The Caltech-101 protocol (N = 15, 30 x 5 trials x L2 sweep), `backend` "ours", "sklearn"
-    (warm-started along the sweep) or "sklearn_cold"."""
+    """The Caltech-101 protocol (N = 15, 30 x 5 trials x L2 sweep), `backend` "ours", "optax"
+    (logistic only: `OptaxLogisticProbe`), "sklearn" (warm-started along the sweep) or
+    "sklearn_cold"."""
     x, y = pool
     names = [str(c) for c in range(int(y.max()) + 1)]
     trials = sampling.sample_pool_trials(y, names, [15, 30], 50, True, trials=5, seed=0)
-    l2s = list(probe.LOGISTIC_L2S if method == "logistic" else probe.RIDGE_L2S)
+    l2s = list(logistic.LOGISTIC_L2S if method == "logistic" else probe.RIDGE_L2S)
     config = base_transfer_config().probe
     config.tol = tol
     mesh = probe.fit_mesh()
@@ -176,6 +249,12 @@ def protocol_sweep(
             row, _, _ = runner.fit_and_score(
                 method, config, trial.seed, train, test, len(names), mesh
             )
+        elif backend == "optax":  # runner.fit_and_score's steps, with optax's solver.
+            rows_x, rows_mask = probe.shard_rows(train[0], mesh)
+            fitted = OptaxLogisticProbe(
+                holdout=config.holdout, seed=trial.seed, tol=tol, max_iter=config.max_iter
+            ).fit(rows_x, train[1], rows_mask, len(names))
+            row = dict(fitted.score(*probe.shard_rows(test[0], mesh)[:1], test[1]), l2=fitted.l2_)
         else:
             hold = probe.class_balanced_holdout(
                 train[1], np.ones(len(train[1])), config.holdout, trial.seed
@@ -239,6 +318,8 @@ def run_probe_benchmark(
         runs = [
             ("logistic", "ours"),
             ("logistic", "ours"),
+            ("logistic", "optax"),
+            ("logistic", "optax"),
             ("logistic", "sklearn"),
             ("logistic", "sklearn_cold"),
             ("ridge", "ours"),
