@@ -106,8 +106,18 @@ def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size") -> int:
+def check_batch_size(
+    global_batch_size: int, mesh: Mesh, name: str = "batch_size", flag: str = ""
+) -> int:
     """Returns the per-process batch size after checking that everything divides.
+
+    The one batch policy of every entry point (training, evaluation, features, transfer):
+    a batch that does not divide over the devices is refused, never rounded.
+
+    Args:
+      name: the config key quoted (`config.<name>`).
+      flag: the command-line flag to quote instead, for a script whose batch is not
+        `--config.<name>` (e.g. "--batch_size").
 
     Raises:
       ConfigError: quoting the batch size, device count and process count.
@@ -115,10 +125,11 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size
     num_devices = mesh.devices.size
     num_processes = jax.process_count()
     if global_batch_size <= 0 or global_batch_size % num_devices:
+        setting, flag = (flag, flag) if flag else (f"config.{name}", f"--config.{name}")
         raise ConfigError(
-            f"config.{name}={global_batch_size} is not divisible by the {num_devices} devices "
+            f"{setting}={global_batch_size} is not divisible by the {num_devices} devices "
             f"({num_processes} process(es)); use a multiple of {num_devices}, "
-            f"e.g. --config.{name}={max(1, round(global_batch_size / num_devices)) * num_devices}"
+            f"e.g. {flag}={max(1, round(global_batch_size / num_devices)) * num_devices}"
             + (" (or set JAX_NUM_CPU_DEVICES)." if mesh.devices.flat[0].platform == "cpu" else ".")
         )
     return process_batch_size(global_batch_size)
