@@ -30,7 +30,7 @@ flags.DEFINE_enum("what", "train", ["train", "infer", "e2e", "input", "probe", "
                   "What to time.")
 flags.DEFINE_enum("framework", "jax", ["jax", "torch"], "train / infer: jaxres or the PyTorch reference.")
 flags.DEFINE_string("model", "resnetv2_50", "jaxres registry name, or torchvision/timm name for torch.")
-flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+flags.DEFINE_integer("batch_size", 256, "Global batch size (input: its pipelines' batch, default 64).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (params stay float32).")
 flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
 flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
@@ -109,7 +109,10 @@ def _other(f) -> dict:
 
         if f.tf:
             common.require_extra("tensorflow", "prepare", "--what input --tf")
-        result = bench_input.run_input_benchmark(f.num_images or 512, f.image_size, 64, f.repeats, f.tf)
+        batch = f.batch_size if f["batch_size"].present else 64  # Its own default: 64.
+        result = bench_input.run_input_benchmark(
+            f.num_images or 512, f.image_size, batch, f.repeats, f.tf
+        )
         print(bench_input.format_markdown(result))
         return result
     from jaxres.bench import probe as bench_probe
