@@ -6,7 +6,8 @@
 `run_probe_benchmark`: a seeded, class-structured synthetic feature matrix of
 Caltech-101 shape (102 classes x 30 train images, 2,048 features; 50 test
 images per class), our ridge and logistic probes against scikit-learn's
-`RidgeClassifier` and `LogisticRegression(lbfgs)` in the same process, one fit
+`RidgeClassifier` and `LogisticRegression(lbfgs)`, and our L-BFGS against `optax.lbfgs`
+(`OptaxLogisticProbe`), in the same process, one fit
 and the whole Caltech-101 protocol sweep (N = 15, 30 x 5 trials x the L2
 sweep, chosen on a held-out 20%, refit) run identically by both.
 
