@@ -6,7 +6,7 @@ CORE := $(VENV)/.installed-core
 FULL := $(VENV)/.installed-full
 WORKDIR ?= runs/demo
 
-.PHONY: venv venv-full demo test bench fmt clean
+.PHONY: venv venv-full demo test smoke-core bench fmt clean
 
 venv: $(CORE)
 venv-full: $(FULL)
@@ -35,6 +35,18 @@ test: venv-full
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
+# Every README command that needs no extra, in a separate venv with only the core install
+# (+ dev): the full venv of `make test` hides a dependency only an extra brings in.
+VENV_CORE := .venv-core
+$(VENV_CORE)/.installed-core: pyproject.toml
+	test -x $(VENV_CORE)/bin/python || $(PYTHON) -m venv $(VENV_CORE)
+	$(VENV_CORE)/bin/python -m pip install -q --upgrade pip
+	$(VENV_CORE)/bin/python -m pip install -q -e '.[dev]'
+	touch $@
+
+smoke-core: $(VENV_CORE)/.installed-core
+	bash scripts/smoke_core.sh $(VENV_CORE)/bin/python
+
 bench: venv
 	$(PY) scripts/benchmark.py --what train --model resnetv2_50 --batch_size 32 --steps 5 --warmup 2 --dtype float32
 
@@ -42,4 +54,4 @@ fmt: venv
 	$(PY) -m ruff format jaxres scripts tests configs
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV_CORE) runs

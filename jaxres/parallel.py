@@ -140,6 +140,9 @@ def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
 def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size") -> int:
     """Returns the per-process batch size after checking that everything divides.
 
+    The one batch policy of every entry point (training, evaluation, features, transfer):
+    a batch that does not divide over the devices is refused, never rounded.
+
     Args:
       name: the config key the size came from, or the flag (`--batch_size`) the user gave.
 
@@ -148,10 +151,10 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size
     """
     num_devices = mesh.devices.size
     num_processes = jax.process_count()
-    flag = name if name.startswith("--") else f"--config.{name}"
+    setting, flag = (name, name) if name.startswith("--") else (f"config.{name}", f"--config.{name}")
     if global_batch_size <= 0 or global_batch_size % num_devices:
         raise ConfigError(
-            f"{flag.lstrip('-')}={global_batch_size} is not divisible by the {num_devices} devices "
+            f"{setting}={global_batch_size} is not divisible by the {num_devices} devices "
             f"({num_processes} process(es)); use a multiple of {num_devices}, "
             f"e.g. {flag}={max(1, round(global_batch_size / num_devices)) * num_devices}"
             + (" (or set JAX_NUM_CPU_DEVICES)." if mesh.devices.flat[0].platform == "cpu" else ".")

@@ -30,17 +30,20 @@ flags.DEFINE_enum("what", "train", ["train", "infer", "e2e", "input", "probe", "
                   "What to time.")
 flags.DEFINE_enum("framework", "jax", ["jax", "torch"], "train / infer: jaxres or the PyTorch reference.")
 flags.DEFINE_string("model", "resnetv2_50", "jaxres registry name, or torchvision/timm name for torch.")
-flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+flags.DEFINE_integer("batch_size", 256, "Global batch size (input: its pipelines' batch, default 64).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (params stay float32).")
 flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
 flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
 flags.DEFINE_integer("image_size", 224, "Input resolution.")
 flags.DEFINE_bool("torch_compile", True, "torch.compile the torch step.")
 flags.DEFINE_bool("record", True, "train / infer: append to benchmarks/results.jsonl.")
-flags.DEFINE_integer("num_images", 512, "input: JPEGs to make (about 500x375, q90).")
+flags.DEFINE_integer("num_images", None,
+                     "input / e2e: JPEGs to make (about 500x375, q90; default 512 / 1,024).")
 flags.DEFINE_integer("repeats", 3, "input: timed passes per figure (best kept).")
 flags.DEFINE_bool("tf", None, "input: include tf.data rows (default: when TensorFlow is installed).")
 flags.DEFINE_bool("sweep", True, "probe: also time the whole Caltech-101 protocol sweep (minutes).")
+flags.DEFINE_list("probe_shape", ["102", "2048"],
+                  "probe: classes,features of the synthetic features (Caltech-101, ResNet-50).")
 flags.DEFINE_integer("num_workers", 8, "e2e: grain worker processes.")
 flags.DEFINE_enum("decoder", "cpu", ["cpu", "dali"], "e2e: config.input.decoder (dali: extra [dali]).")
 flags.DEFINE_string("dataset", "", "e2e: a prepared dataset name (default: synthetic JPEG records).")
@@ -52,15 +55,15 @@ flags.DEFINE_string("output", None, "input / probe / features / ops: also write 
 
 
 def _throughput(f) -> None:
-    from jaxres.bench import steps
+    from jaxres.bench import common, steps
 
     if f.what == "e2e":
         row = steps.bench_e2e(f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.num_workers,
-                              f.dataset, f.data_dir, f.image_size, f.decoder)
+                              f.dataset, f.data_dir, f.image_size, f.decoder, f.num_images or 1024)
     elif f.framework == "jax":
         row = steps.bench_jax(f.what, f.model, f.batch_size, f.dtype, f.steps, f.warmup, f.image_size)
     else:
-        _need_torch("--framework torch")
+        common.require_extra("torchvision", "convert", "--framework torch")
         from jaxres.bench import torch_ref as bench_torch
 
         row = bench_torch.bench_torch(
@@ -73,22 +76,13 @@ def _throughput(f) -> None:
             out.write("# Benchmark results (newest first)\n\n" + steps.render_markdown() + "\n")
 
 
-def _need_torch(what: str) -> None:
-    """One line naming the extra when PyTorch is not installed (the core install has none)."""
-    import importlib.util
-
-    from jaxres.errors import ConfigError
-
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
-        raise ConfigError(f"{what}: PyTorch is not installed; pip install -e '.[convert]'.")
-
-
 def _ops(f) -> dict:
-    from jaxres.bench import op_profile, steps
+    from jaxres.bench import common, op_profile, steps
 
     result = {}
     if "profile" in f.ops_parts:
-        _need_torch("--what ops compares every conv with PyTorch's (--ops_parts train_ab needs no torch)")
+        # The profile times PyTorch beside JAX; train_ab is JAX only.
+        common.require_extra("torch", "convert", "--what ops --ops_parts profile")
         result = op_profile.run_op_profile(f.model, f.image_size, f.batch_size, reps=f.steps,
                                            whole_step=f.ops_whole_step)
         print(op_profile.format_markdown(result))
@@ -110,15 +104,22 @@ def _other(f) -> dict:
     if f.what == "ops":
         return _ops(f)
     if f.what == "input":
+        from jaxres.bench import common
         from jaxres.bench import input as bench_input
 
-        result = bench_input.run_input_benchmark(f.num_images, f.image_size, 64, f.repeats, f.tf)
+        if f.tf:
+            common.require_extra("tensorflow", "prepare", "--what input --tf")
+        batch = f.batch_size if f["batch_size"].present else 64  # Its own default: 64.
+        result = bench_input.run_input_benchmark(
+            f.num_images or 512, f.image_size, batch, f.repeats, f.tf
+        )
         print(bench_input.format_markdown(result))
         return result
     from jaxres.bench import probe as bench_probe
 
     if f.what == "probe":
-        result = bench_probe.run_probe_benchmark(sweep=f.sweep)
+        classes, dim = (int(v) for v in f.probe_shape)
+        result = bench_probe.run_probe_benchmark(sweep=f.sweep, num_classes=classes, dim=dim)
     else:
         result = bench_probe.run_feature_benchmark(f.model, f.batch_size, f.image_size, f.steps, f.warmup)
     print(json.dumps(result, indent=1))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from jaxres.data import pipeline, sources, transforms
+from jaxres.data import decode, pipeline, sources, transforms
 from jaxres.data.prepare import records
 
 N_EXAMPLES = 20
@@ -62,8 +62,8 @@ def record_source(tmp_path_factory):
 @pytest.mark.parametrize("backend", ["fast", "pil_only"])
 def test_transforms_decode_every_kind(data, backend, monkeypatch):
     if backend == "pil_only":  # No TurboJPEG, simplejpeg or OpenCV: PIL does everything.
-        monkeypatch.setattr(transforms.jpeg_crop, "available", lambda: False)
-        monkeypatch.setattr(transforms, "simplejpeg", None)
+        monkeypatch.setattr(decode.jpeg_crop, "available", lambda: False)
+        monkeypatch.setattr(decode, "simplejpeg", None)
         monkeypatch.setattr(transforms, "cv2", None)
     rng = np.random.default_rng(0)
     for transform, shape in [
@@ -113,23 +113,23 @@ def test_truncated_jpeg_decodes_what_is_there(caplog):
 
 
 def test_dct_scale_keeps_crop_at_least_output_size():
-    assert transforms.dct_scale((0, 0, 1000, 900), (224, 224)) == 4
-    assert transforms.dct_scale((0, 0, 447, 900), (224, 224)) == 1
-    assert transforms.dct_scale((0, 0, 2000, 2000), (224, 224)) == 8
-    assert transforms.dct_scale((0, 0, 2000, 2000), (224, 224), reduced=False) == 1
+    assert decode.dct_scale((0, 0, 1000, 900), (224, 224)) == 4
+    assert decode.dct_scale((0, 0, 447, 900), (224, 224)) == 1
+    assert decode.dct_scale((0, 0, 2000, 2000), (224, 224)) == 8
+    assert decode.dct_scale((0, 0, 2000, 2000), (224, 224), reduced=False) == 1
 
 
 @pytest.mark.parametrize("path", ["window", "whole", "pil"])
 def test_reduced_decode_matches_full_decode(path, monkeypatch):
-    if path == "window" and not transforms.jpeg_crop.available():
+    if path == "window" and not decode.jpeg_crop.available():
         pytest.skip("no TurboJPEG 3 library (pip install turbojpeg)")
     if path != "window":
-        monkeypatch.setattr(transforms.jpeg_crop, "available", lambda: False)
+        monkeypatch.setattr(decode.jpeg_crop, "available", lambda: False)
     if path == "pil":
-        monkeypatch.setattr(transforms, "simplejpeg", None)
+        monkeypatch.setattr(decode, "simplejpeg", None)
     data = jpeg(8, size=(1024, 768), cell=64)
     box_fn = lambda w, h: transforms.center_crop_box(w, h, 0.875)
-    array, box = transforms.decode_for_crop(data, box_fn, lambda box: (64, 64))
+    array, box = decode.decode_for_crop(data, box_fn, lambda box: (64, 64))
     # 1/8 scale: the 672-pixel crop is still >= 64 pixels (84) at that scale.
     expected = {"window": (84, 84), "whole": (96, 128), "pil": (96, 128)}[path]
     assert array.shape[:2] == expected and 64 <= box[2] < 85 and 64 <= box[3] < 85
@@ -139,15 +139,15 @@ def test_reduced_decode_matches_full_decode(path, monkeypatch):
 
 
 def test_window_decode_equals_crop_of_whole_decode():
-    if not transforms.jpeg_crop.available():
+    if not decode.jpeg_crop.available():
         pytest.skip("no TurboJPEG 3 library (pip install turbojpeg)")
     data = jpeg(12, size=(500, 375))
-    found = transforms.jpeg_crop.header(data)
+    found = decode.jpeg_crop.header(data)
     assert found[:2] == (500, 375)
-    window, box = transforms.jpeg_crop.decode_crop(
+    window, box = decode.jpeg_crop.decode_crop(
         data, found[:2], found[2], (37.0, 21.0, 300.0, 250.0)
     )
-    whole = transforms.jpeg_crop.decode_crop(data, found[:2], found[2], (0.0, 0.0, 500.0, 375.0))[0]
+    whole = decode.jpeg_crop.decode_crop(data, found[:2], found[2], (0.0, 0.0, 500.0, 375.0))[0]
     x, y = int(37 - box[0]), int(21 - box[1])
     same = whole[y : y + window.shape[0], x : x + window.shape[1]]
     # Chroma upsampling treats the window's first / last columns as an image edge.
@@ -159,7 +159,7 @@ def test_eval_transform_equals_resize_then_center_crop():
     data = jpeg(9, size=(200, 150), cell=40)
     ours = transforms.EvalTransform(64)(record(data))["image"].astype(int)
     # Reference: the whole image resized to shorter side 73 (64 / 0.875), its central 64x64.
-    image = transforms.decode(data)
+    image = decode.decode(data)
     image = image.resize(transforms.shorter_side_size(*image.size, 73), Image.Resampling.BILINEAR)
     left, top = (image.width - 64) // 2, (image.height - 64) // 2
     image = image.crop((left, top, left + 64, top + 64))

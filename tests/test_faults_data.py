@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from jaxres import config_base
-from jaxres.data import loader, pipeline, sources, transforms, workers
+from jaxres.data import decode, loader, pipeline, sources, transforms, workers
 from jaxres.data.prepare import recipes, records
 from jaxres.errors import ConfigError
 
@@ -51,7 +51,7 @@ SCRIPT_HEAD = """
 import io, json, multiprocessing, os, signal, sys, time
 import numpy as np
 from PIL import Image
-from jaxres.data import pipeline, transforms
+from jaxres.data import decode, pipeline, transforms
 from jaxres.errors import DataError
 
 def jpeg(seed):
@@ -355,11 +355,11 @@ def test_metadata_written_before_reasons_still_reads(tmp_path):
 @pytest.mark.parametrize("backend", ["fast", "pil_only"])
 def test_truncated_jpeg_keep_decodes_skip_masks(backend, monkeypatch, caplog):
     if backend == "pil_only":
-        monkeypatch.setattr(transforms.jpeg_crop, "available", lambda: False)
-        monkeypatch.setattr(transforms, "simplejpeg", None)
+        monkeypatch.setattr(decode.jpeg_crop, "available", lambda: False)
+        monkeypatch.setattr(decode, "simplejpeg", None)
     caplog.set_level(logging.WARNING)
     record = {"image": truncated_jpeg(), "label": 3, "key": "cut/file.jpg"}
-    assert transforms.jpeg_truncated(record["image"]) and not transforms.jpeg_truncated(jpeg(7))
+    assert decode.jpeg_truncated(record["image"]) and not decode.jpeg_truncated(jpeg(7))
     for truncated, mask in (("keep", 1), ("skip", 0)):
         caplog.clear()
         outs = [

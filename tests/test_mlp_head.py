@@ -14,7 +14,7 @@ import pytest
 
 from jaxres import parallel
 from jaxres.errors import ConfigError, NonFiniteLossError
-from jaxres.transfer import mlp_head, probe
+from jaxres.transfer import logistic, mlp_head, probe
 
 SMALL = {"hidden": 64, "learning_rate": 1e-2, "max_steps": 200, "eval_every": 10}
 
@@ -45,7 +45,7 @@ def fitted():
 def test_learns_rings_that_a_linear_probe_cannot(fitted):
     head, (x_test, y_test) = fitted
     x, y = rings(60)
-    linear = probe.LogisticProbe().fit(x, y).score(x_test, y_test)["top1"]
+    linear = logistic.LogisticProbe().fit(x, y).score(x_test, y_test)["top1"]
     mlp = head.score(x_test, y_test)["top1"]
     assert linear < 0.6 and mlp > 0.9, (linear, mlp)
     assert np.mean(head.predict(x_test) == y_test) == pytest.approx(mlp)
@@ -225,20 +225,21 @@ def test_benchmark_against_the_logistic_probe(seeds=(0, 1, 2)):
     JAX_PLATFORMS=cpu .venv/bin/python -c "import tests.test_mlp_head as t; \
         t.test_benchmark_against_the_logistic_probe()"
     """
-    from jaxres.bench.probe import CALTECH101_SHAPE, machine_load, synthetic_features
+    from jaxres.bench.common import load_average
+    from jaxres.bench.probe import CALTECH101_SHAPE, synthetic_features
 
     c, d = CALTECH101_SHAPE["num_classes"], CALTECH101_SHAPE["dim"]
-    print(jax.devices()[0].device_kind, len(jax.devices()), "devices;", machine_load())
+    print(jax.devices()[0].device_kind, len(jax.devices()), "devices;", "load average", load_average())
     print("| seed | logistic top-1 | logistic fit s | MLP top-1 | MLP fit s | MLP steps |")
     for seed in seeds:
         x, y = synthetic_features(c, CALTECH101_SHAPE["train_per_class"], d, seed)
         xt, yt = synthetic_features(c, CALTECH101_SHAPE["test_per_class"], d, seed)
         row = [seed]
-        for make in (probe.LogisticProbe, mlp_head.MLPProbe):
+        for make in (logistic.LogisticProbe, mlp_head.MLPProbe):
             start = time.perf_counter()
             fitted = make().fit(x, y)
             seconds = time.perf_counter() - start
             row += [f"{fitted.score(xt, yt)['top1']:.2%}", f"{seconds:.1f}"]
         row.append(fitted.steps_)
         print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
-    print(machine_load())
+    print("load average", load_average())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxres.data import sources, splits, statistics, transforms
+from jaxres.data import decode, sources, splits, statistics, transforms
 from jaxres.data.prepare import recipes
 from jaxres.errors import DataError
 
@@ -78,7 +78,7 @@ def test_caltech101_archive_zip_and_folder_agree(tmp_path, caplog):
     assert list(src.labels) == [r["label"] for r in records] == [0] * 5 + [1] * 4
     assert meta["splits"]["all"]["class_counts"] == [5, 4]
     for r in records:  # Every stored image is a JPEG that decodes to RGB.
-        assert r["image"][:2] == b"\xff\xd8" and transforms.decode(r["image"]).mode == "RGB"
+        assert r["image"][:2] == b"\xff\xd8" and decode.decode(r["image"]).mode == "RGB"
     # The same images from caltech-101.zip (tar.gz inside) and from an extracted folder.
     (tmp_path / "b").mkdir()
     with zipfile.ZipFile(tmp_path / "b" / "caltech-101.zip", "w") as zf:
@@ -264,7 +264,7 @@ def test_imagenet2012_through_tfds_builder(tmp_path):
         isinstance(resized, sources.ArrayRecordSource) and resized.class_names == train.class_names
     )
     assert sorted(resized.labels.tolist()) == sorted(train.labels.tolist())
-    assert all(min(transforms.decode(r["image"]).size) == 40 for r in read_all(resized))
+    assert all(min(decode.decode(r["image"]).size) == 40 for r in read_all(resized))
     recipes.prepare_imagenet2012(
         tmp_path / "manual", data_dir, resize_shorter=40, jpeg_quality=90
     )  # Idempotent.

@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 
 from jaxres import parallel
 from jaxres.errors import ConfigError
-from jaxres.transfer import probe
+from jaxres.transfer import logistic, probe
 
 
 def blobs(
@@ -69,11 +69,11 @@ def test_logistic_warm_started_sweep_equals_separate_fits():
     x, y = blobs(20)
     mask = np.ones(len(y), np.float32)
     hold = probe.class_balanced_holdout(y, mask, 0.25, 0).astype(np.float32)
-    mu, sigma = probe._standardise_stats(x, mask)
+    mu, sigma = probe.standardise_stats(x, mask)
     start = np.zeros((x.shape[1] + 1, 6), np.float32)
 
     def path(l2s, fit=mask - hold, held=hold):
-        return probe.logistic_path(
+        return logistic.logistic_path(
             x,
             y,
             fit,
@@ -125,7 +125,7 @@ def test_logistic_agrees_with_sklearn_logistic_regression():
     x, y = blobs(30)
     x_test, y_test = blobs(40, seed=1)
     l2 = 1e-2
-    ours = probe.LogisticProbe(l2s=[l2], tol=1e-6).fit(x, y)
+    ours = logistic.LogisticProbe(l2s=[l2], tol=1e-6).fit(x, y)
     scaler = StandardScaler().fit(x)
     theirs = LogisticRegression(C=1.0 / (l2 * len(x)), tol=1e-8, max_iter=5000).fit(
         scaler.transform(x), y
@@ -150,17 +150,17 @@ def test_penalty_is_chosen_on_a_class_balanced_holdout():
         hold, probe.class_balanced_holdout(y, np.ones(len(y)), 0.25, seed=3)
     )
     assert not np.array_equal(hold, probe.class_balanced_holdout(y, np.ones(len(y)), 0.25, seed=4))
-    for cls in (probe.RidgeProbe, probe.LogisticProbe):
+    for cls in (probe.RidgeProbe, logistic.LogisticProbe):
         p = cls().fit(x, y)
         assert p.l2_source_ == "holdout" and set(p.sweep_) == set(p.l2s) and p.l2_ in p.l2s
         assert p.sweep_[p.l2_] == max(p.sweep_.values())
-    one_shot = probe.LogisticProbe().fit(
+    one_shot = logistic.LogisticProbe().fit(
         x[::20], y[::20]
     )  # One image per class: nothing to hold out.
     assert one_shot.l2_source_ == "fixed" and one_shot.l2_ == one_shot.fallback_l2
 
 
-@pytest.mark.parametrize("cls", [probe.RidgeProbe, probe.LogisticProbe])
+@pytest.mark.parametrize("cls", [probe.RidgeProbe, logistic.LogisticProbe])
 def test_row_sharded_fit_equals_single_device_fit(cls):
     x, y = blobs(17)  # 102 rows: padded to 104 over 8 devices.
     x_test, y_test = blobs(10, seed=1)
@@ -185,4 +185,4 @@ def test_row_sharded_fit_equals_single_device_fit(cls):
 
 def test_bad_sweep_is_a_config_error():
     with pytest.raises(ConfigError, match="must be positive"):
-        probe.LogisticProbe(l2s=[0.1, 0.0])
+        logistic.LogisticProbe(l2s=[0.1, 0.0])

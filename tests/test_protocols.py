@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from test_evaluate import make_run, run_config, write_folder
 
-from jaxres import config_transfer, train
+from jaxres import config_transfer, demo, train
 from jaxres.errors import ConfigError, DataError
 from jaxres.transfer import runner, sampling
 
@@ -189,8 +189,8 @@ def smoke_run(tmp_path_factory):
 
 
 def test_demo_probe_beats_chance_on_a_trained_run(smoke_run):
-    row = runner.demo_probe(smoke_run)
+    row = demo.demo_probe(smoke_run)
     assert row["train"] == 1438 and row["count"] == 359  # The whole digits train / val splits.
     assert row["top1"] > 0.3 and "logistic" in row["what"]  # Chance is 0.1.
     assert os.listdir(os.path.join(smoke_run, "features"))
-    assert runner.demo_probe(smoke_run, method="ridge")["top1"] > 0.3
+    assert demo.demo_probe(smoke_run, method="ridge")["top1"] > 0.3

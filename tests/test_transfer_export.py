@@ -150,6 +150,9 @@ def test_folder_flow_errors(toy, tmp_path):
         folder.transfer_folder(str(small / "all"), run, str(tmp_path / "o"))
     with pytest.raises(CheckpointError, match="--from .* is not a usable run: No config.json"):
         folder.transfer_folder(os.path.join(data, "train"), str(tmp_path), str(tmp_path / "o"))
+    # One batch policy with every entry point: refused with the fix named, never rounded up.
+    with pytest.raises(ConfigError, match=r"--batch_size=12 is not divisible by the 8 devices .* --batch_size=16"):
+        folder.transfer_folder(os.path.join(data, "train"), run, str(tmp_path / "o"), batch_size=12)
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "transfer.py"), f"--images={data}/train",
          f"--from={tmp_path / 'nowhere'}", f"--output={tmp_path / 'o'}"],

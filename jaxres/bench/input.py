@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxres.data import pipeline, sources, transforms
+from jaxres.bench import common
+from jaxres.data import decode, pipeline, sources, transforms
 from jaxres.data.prepare import records as prepare_records
 
 EVAL_RESIZE_SHORTER = 256
@@ -93,12 +94,7 @@ def _best_rate(fn: Callable[[Any], Any], items: list, repeats: int) -> float:
     """Items/s of `fn` over `items`: best of `repeats` passes, after one warm-up pass."""
     for item in items[: max(1, len(items) // 8)]:
         fn(item)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for item in items:
-            fn(item)
-        best = min(best, time.perf_counter() - start)
+    best, _ = common.best_time(lambda: [fn(item) for item in items], repeats)
     return len(items) / best
 
 
@@ -107,7 +103,7 @@ def _pil_train(image_size: int) -> Callable[[dict], np.ndarray]:
     rng = np.random.default_rng(0)
 
     def fn(record):
-        image = transforms.decode(record["image"])
+        image = decode.decode(record["image"])
         left, top, w, h = transforms.random_resized_crop_box(*image.size, rng, (0.08, 1.0))
         image = image.resize(
             (image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
@@ -134,7 +130,7 @@ def _pil_eval(image_size: int) -> Callable[[dict], np.ndarray]:
     """Plain PIL: full decode, resize the whole image to shorter side 256, centre crop."""
 
     def fn(record):
-        image = _resize_shorter(transforms.decode(record["image"]), EVAL_RESIZE_SHORTER)
+        image = _resize_shorter(decode.decode(record["image"]), EVAL_RESIZE_SHORTER)
         return np.asarray(_center_crop(image, image_size))
 
     return fn
@@ -208,7 +204,7 @@ def _per_core(
     train, evaluate = transforms.TrainTransform(image_size), transforms.EvalTransform(image_size)
     augmented = transforms.TrainTransform(image_size, randaugment=BENCH_RANDAUGMENT)
     rates = {
-        "decode only: PIL": _best_rate(lambda r: transforms.decode(r["image"]), records, repeats),
+        "decode only: PIL": _best_rate(lambda r: decode.decode(r["image"]), records, repeats),
         "decode only: simplejpeg": _best_rate(
             lambda r: simplejpeg.decode_jpeg(r["image"], fastdct=True), records, repeats
         ),
@@ -348,8 +344,8 @@ def run_input_benchmark(
         all_cores = _all_cores(source, image_size, batch_size, repeats, with_tf)
     return {
         "machine": {
-            "cpu": _cpu_name(),
-            "cores": len(os.sched_getaffinity(0)),
+            "cpu": common.cpu_model(),
+            "cores": common.cores(),
             "python": platform.python_version(),
             "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()],
@@ -364,16 +360,6 @@ def run_input_benchmark(
         "per_core": per_core,
         "all_cores": all_cores,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def format_markdown(result: dict[str, Any]) -> str:

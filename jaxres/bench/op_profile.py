@@ -18,8 +18,8 @@ The stem conv reads the images, which need no gradient, so its input gradient is
 counted (neither framework computes it in a train step).
 
 Sums are weighted by occurrence; `format_markdown` prints category | ms per
-implementation | torch / jax ratio | GFLOP/s. `machine` records what the figures depend
-on: CPU model, AVX-512, cores, measured sgemm GFLOP/s, load average.
+implementation | torch / jax ratio | GFLOP/s. `common.machine()` records what the figures
+depend on: CPU model, AVX-512, cores, measured sgemm GFLOP/s, load average.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import os
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,6 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxres import parallel
+from jaxres.bench import common
 from jaxres.models import cpu_conv
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -82,13 +82,6 @@ class ConvShape:
     def label(self) -> str:
         return (f"{self.kh}x{self.kw}/{self.stride[0]} {self.cin}->{self.cout} @{self.h}x{self.w}"
                 f" pad {self.pads[0][0]}")
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, AVX-512 yes/no, cores, measured sgemm GFLOP/s (`steps.cpu_details`) and the load now."""
-    from jaxres.bench import steps
-
-    return {**steps.cpu_details(), "loadavg": steps.load_average()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,30 +217,9 @@ def _conv_data(shape: ConvShape, rng: np.random.Generator) -> dict[str, np.ndarr
     }
 
 
-def _block(result: Any) -> None:
-    if hasattr(result, "block_until_ready") or isinstance(result, (list, tuple, dict)):
-        jax.block_until_ready(result)
-
-
-def interleaved_times(
-    runners: dict[str, Callable[[], Any]], reps: int, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Seconds of each call of each runner, the runners called in turn (A, B, C, A, B, C, ...)."""
-    for run in runners.values():
-        for _ in range(warmup):
-            _block(run())
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(reps):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            _block(run())
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def interleaved(runners: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each runner, called in turn (A, B, C, A, B, C, ...)."""
-    return {name: statistics.median(t) for name, t in interleaved_times(runners, reps, warmup).items()}
+    return {name: statistics.median(t) for name, t in common.interleaved_times(runners, reps, warmup).items()}
 
 
 def _bn_runners(shape: tuple[int, ...], rng: np.random.Generator, n_dev: int) -> dict[str, Callable[[], Any]]:
@@ -327,9 +299,9 @@ def _train_step_runners(model_name: str, image_size: int, batch_size: int) -> di
 
     from jaxres.bench import steps, torch_ref
 
-    config = steps._config(model_name, batch_size, "float32", image_size, 1000)
-    mesh, state, step_fn, _ = steps._train_setup(config)
-    batch = parallel.to_global(steps._synthetic(batch_size, image_size, 1000, (1,)), mesh, batch_axis=1)
+    config = steps.bench_config(model_name, batch_size, "float32", image_size, 1000)
+    mesh, state, step_fn, _ = steps.train_setup(config)
+    batch = parallel.to_global(steps.synthetic_batch(batch_size, image_size, 1000, (1,)), mesh, batch_axis=1)
     compiled = step_fn.lower(state, batch).compile()
     holder = [state]
 
@@ -337,7 +309,7 @@ def _train_step_runners(model_name: str, image_size: int, batch_size: int) -> di
         holder[0], _ = compiled(holder[0], batch)
         return holder[0].step
 
-    net = torch_ref._model(model_name).to(memory_format=torch.channels_last).train()
+    net = torch_ref.torch_model(model_name).to(memory_format=torch.channels_last).train()
     x = torch.randn(batch_size, 3, image_size, image_size).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch_size,))
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5)
@@ -370,7 +342,7 @@ def run_op_profile(model_name: str = "resnet18", image_size: int = 112, batch_si
 
     torch.set_num_threads(os.cpu_count() or 1)
     impls = (*jax_impls, "torch")
-    info = machine()
+    info = common.machine()
     log(f"machine: {info}")
     convs, norms, variables = model_shapes(model_name, image_size, batch_size)
     rng = np.random.default_rng(0)
@@ -408,7 +380,7 @@ def run_op_profile(model_name: str = "resnet18", image_size: int = 112, batch_si
         step = interleaved(_train_step_runners(model_name, image_size, batch_size), max(3, reps), warmup=2)
         categories["whole train step"] = {"flops": 0.0, "ms": {k: v * 1000 for k, v in step.items()}}
         log(f"step: {categories['whole train step']}")
-    info["loadavg_end"] = machine()["loadavg"]
+    info["loadavg_end"] = common.load_average()
     return {"machine": info, "model": model_name, "image_size": image_size, "batch_size": batch_size,
             "impls": list(impls), "shapes": shapes, "categories": categories,
             "jax": jax.__version__, "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -480,19 +452,19 @@ def train_step_ab(model_name: str, image_size: int, batch_size: int, steps: int 
     from jaxres.bench import steps as bench_steps
 
     variants = variants or {"xla": cpu_conv.xla_backward, "cpu_conv": contextlib.nullcontext}
-    config = bench_steps._config(model_name, batch_size, "float32", image_size, 1000)
+    config = bench_steps.bench_config(model_name, batch_size, "float32", image_size, 1000)
     runners, compile_s = {}, {}
     for name, context in variants.items():
         with context():
-            mesh, state, step_fn, _ = bench_steps._train_setup(config)
-            batch = parallel.to_global(bench_steps._synthetic(batch_size, image_size, 1000, (1,)), mesh,
+            mesh, state, step_fn, _ = bench_steps.train_setup(config)
+            batch = parallel.to_global(bench_steps.synthetic_batch(batch_size, image_size, 1000, (1,)), mesh,
                                        batch_axis=1)
-            start = time.perf_counter()
-            compiled = step_fn.lower(state, batch).compile()
-            compile_s[name] = time.perf_counter() - start
+            compile_s[name], compiled = common.timed(
+                lambda f=step_fn, s=state, b=batch: f.lower(s, b).compile()
+            )
 
         runners[name] = _step_runner(compiled, state, batch)
-    times = interleaved_times(runners, steps, warmup)
+    times = common.interleaved_times(runners, steps, warmup)
     rows = []
     for name in runners:
         row = bench_steps.result_row("train", "jax", model_name, batch_size, "float32", times[name],

@@ -6,7 +6,8 @@
 `run_probe_benchmark`: a seeded, class-structured synthetic feature matrix of
 Caltech-101 shape (102 classes x 30 train images, 2,048 features; 50 test
 images per class), our ridge and logistic probes against scikit-learn's
-`RidgeClassifier` and `LogisticRegression(lbfgs)` in the same process, one fit
+`RidgeClassifier` and `LogisticRegression(lbfgs)`, and our L-BFGS against `optax.lbfgs`
+(`OptaxLogisticProbe`), in the same process, one fit
 and the whole Caltech-101 protocol sweep (N = 15, 30 x 5 trials x the L2
 sweep, chosen on a held-out 20%, refit) run identically by both.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxres import parallel
+from jaxres.bench import common
 from jaxres.config_transfer import base_transfer_config
-from jaxres.transfer import probe, runner, sampling
+from jaxres.transfer import logistic, probe, runner, sampling
 
 CALTECH101_SHAPE = {"num_classes": 102, "dim": 2048, "train_per_class": 30, "test_per_class": 50}
 
@@ -61,32 +63,76 @@ def synthetic_features(
     return x.astype(np.float32), y
 
 
-def machine_load() -> str:
-    """The 1 / 5 / 15-minute load averages (other jobs on the CPU skew timings)."""
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
-
-
-def _best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """Minimum wall time over `repeats` calls (the least disturbed by other jobs) and the last result."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        if isinstance(result, jax.Array):  # Probes' fit() already waits for its results.
-            result.block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def matmul_flops(n: int, d: int, c: int, repeats: int = 20) -> float:
     """Measured FLOP/s of the probe's matmul shape [n, d] x [d, c] (float32, jitted)."""
     x = jnp.asarray(np.random.default_rng(0).random((n, d), np.float32))
     w = jnp.asarray(np.random.default_rng(1).random((d, c), np.float32))
     f = jax.jit(lambda x, w: x @ w)
     f(x, w).block_until_ready()
-    t, _ = _best_time(lambda: f(x, w), repeats)
+    t, _ = common.best_time(lambda: f(x, w), repeats)
     return 2 * n * d * c / t
+
+
+# ------------------------------------------------------------------ optax.lbfgs, the alternative
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "max_iter", "memory"))
+def optax_logistic_path(
+    x, y, fit_mask, hold_mask, mu, sigma, l2s, theta, tol, *, num_classes, max_iter, memory=10
+):
+    """`logistic.logistic_path` (sweep + refit, same arguments and result) by `optax.lbfgs`.
+
+    The same objective, standardisation, start, penalty order, warm start from the previous
+    penalty's solution (not its curvature memory: optax's state holds no penalty to shift)
+    and stopping rule (max |grad F| <= tol); optax's zoom line search evaluates value and
+    gradient (two [N, D] x [D, C] matmuls) at every trial step.
+    """
+    import optax
+
+    z = logistic.design_matrix(x, mu, sigma)
+    onehot = jax.nn.one_hot(y, num_classes)
+    pen = jnp.ones((z.shape[1], 1)).at[-1].set(0.0)
+
+    def fit(theta, mask, l2):
+        w = mask / jnp.maximum(mask.sum(), 1.0)
+
+        def loss(theta):
+            logp = jax.nn.log_softmax(z @ theta)
+            return -(w * (onehot * logp).sum(-1)).sum() + 0.5 * l2 * jnp.vdot(pen * theta, theta)
+
+        opt = optax.lbfgs(memory_size=memory)
+        value_and_grad = optax.value_and_grad_from_state(loss)
+
+        def step(carry):
+            theta, state, k = carry
+            value, grad = value_and_grad(theta, state=state)
+            updates, state = opt.update(grad, state, theta, value=value, grad=grad, value_fn=loss)
+            return optax.apply_updates(theta, updates), state, k + 1
+
+        def more(carry):
+            _, state, k = carry
+            grad_max = jnp.max(jnp.abs(optax.tree_utils.tree_get(state, "grad")))
+            return (k == 0) | ((k < max_iter) & (grad_max > tol))
+
+        theta, state, k = jax.lax.while_loop(more, step, (theta, opt.init(theta), jnp.int32(0)))
+        return theta, k, jnp.max(jnp.abs(optax.tree_utils.tree_get(state, "grad")))
+
+    def one(theta, l2):
+        theta, k, _ = fit(theta, fit_mask, l2)
+        top1 = probe.accuracy(z @ theta, y, hold_mask, num_classes)["top1"]
+        return theta, {"theta": theta, "holdout_top1": top1, "iterations": k}
+
+    _, path = jax.lax.scan(one, theta, l2s)
+    best = jnp.argmax(path["holdout_top1"])
+    theta, k, grad_max = fit(path["theta"][best], fit_mask + hold_mask, l2s[best])
+    path.update(best=best, final={"theta": theta, "iterations": k, "grad_max": grad_max})
+    return path
+
+
+class OptaxLogisticProbe(logistic.LogisticProbe):
+    """`logistic.LogisticProbe` fitted by `optax.lbfgs` (`optax_logistic_path`): the yardstick."""
+
+    solver = staticmethod(optax_logistic_path)
 
 
 def single_fit_comparison(data: dict, l2: float, tol: float, repeats: int) -> dict[str, Any]:
@@ -95,19 +141,19 @@ def single_fit_comparison(data: dict, l2: float, tol: float, repeats: int) -> di
     from sklearn.preprocessing import StandardScaler
 
     (x, y), (xt, yt) = data["train"], data["test"]
-    start = time.perf_counter()
-    ours = probe.LogisticProbe(l2s=[l2], tol=tol).fit(x, y)
-    cold = time.perf_counter() - start
-    warm, ours = _best_time(lambda: probe.LogisticProbe(l2s=[l2], tol=tol).fit(x, y), repeats)
+    cold, _ = common.timed(lambda: logistic.LogisticProbe(l2s=[l2], tol=tol).fit(x, y))
+    warm, ours = common.best_time(lambda: logistic.LogisticProbe(l2s=[l2], tol=tol).fit(x, y), repeats)
+    optax_cold, _ = common.timed(lambda: OptaxLogisticProbe(l2s=[l2], tol=tol).fit(x, y))
+    optax_warm, opt = common.best_time(lambda: OptaxLogisticProbe(l2s=[l2], tol=tol).fit(x, y), repeats)
     scaler = StandardScaler().fit(x)
     xs, xts = scaler.transform(x), scaler.transform(xt)
 
     def sk_fit():
         return LogisticRegression(C=1.0 / (l2 * len(x)), tol=tol, max_iter=10_000).fit(xs, y)
 
-    sk_time, sk = _best_time(sk_fit, repeats)
-    ridge_time, ridge = _best_time(lambda: probe.RidgeProbe(l2s=[1.0]).fit(x, y), repeats)
-    skr_time, skr = _best_time(lambda: RidgeClassifier(alpha=ridge.l2_abs_).fit(x, y), repeats)
+    sk_time, sk = common.best_time(sk_fit, repeats)
+    ridge_time, ridge = common.best_time(lambda: probe.RidgeProbe(l2s=[1.0]).fit(x, y), repeats)
+    skr_time, skr = common.best_time(lambda: RidgeClassifier(alpha=ridge.l2_abs_).fit(x, y), repeats)
     # Two [N, D + 1] x [D + 1, C] matmuls per iteration, two more to start (and two for the
     # refit's start, which finds the fit converged).
     iterations = sum(ours.iterations_)
@@ -125,7 +171,15 @@ def single_fit_comparison(data: dict, l2: float, tol: float, repeats: int) -> di
             "seconds_with_compile": cold,
             "iterations": iterations,
             "top1": ours.score(xt, yt)["top1"],
+            "grad_max": ours.grad_max_,
             "flop_bound_seconds": flop_bound,
+        },
+        "optax_logistic": {
+            "seconds": optax_warm,
+            "seconds_with_compile": optax_cold,
+            "iterations": sum(opt.iterations_),
+            "top1": opt.score(xt, yt)["top1"],
+            "grad_max": opt.grad_max_,
         },
         "sklearn_logistic": {
             "seconds": sk_time,
@@ -179,12 +233,13 @@ def _sklearn_probe(
 def protocol_sweep(
     pool: tuple[np.ndarray, np.ndarray], method: str, backend: str, tol: float
 ) -> dict[str, Any]:
-    """The Caltech-101 protocol (N = 15, 30 x 5 trials x L2 sweep), `backend` "ours", "sklearn"
-    (warm-started along the sweep) or "sklearn_cold"."""
+    """The Caltech-101 protocol (N = 15, 30 x 5 trials x L2 sweep), `backend` "ours", "optax"
+    (logistic only: `OptaxLogisticProbe`), "sklearn" (warm-started along the sweep) or
+    "sklearn_cold"."""
     x, y = pool
     names = [str(c) for c in range(int(y.max()) + 1)]
     trials = sampling.sample_pool_trials(y, names, [15, 30], 50, True, trials=5, seed=0)
-    l2s = list(probe.LOGISTIC_L2S if method == "logistic" else probe.RIDGE_L2S)
+    l2s = list(logistic.LOGISTIC_L2S if method == "logistic" else probe.RIDGE_L2S)
     config = base_transfer_config().probe
     config.tol = tol
     mesh = probe.fit_mesh()
@@ -192,9 +247,15 @@ def protocol_sweep(
     for trial in trials:
         train, test = (x[trial.train], y[trial.train]), (x[trial.test], y[trial.test])
         if backend == "ours":
-            row, _ = runner.fit_and_score(
+            row, _, _ = runner.fit_and_score(
                 method, config, trial.seed, train, test, len(names), mesh
             )
+        elif backend == "optax":  # runner.fit_and_score's steps, with optax's solver.
+            rows_x, rows_mask = probe.shard_rows(train[0], mesh)
+            fitted = OptaxLogisticProbe(
+                holdout=config.holdout, seed=trial.seed, tol=tol, max_iter=config.max_iter
+            ).fit(rows_x, train[1], rows_mask, len(names))
+            row = dict(fitted.score(*probe.shard_rows(test[0], mesh)[:1], test[1]), l2=fitted.l2_)
         else:
             hold = probe.class_balanced_holdout(
                 train[1], np.ones(len(train[1])), config.holdout, trial.seed
@@ -218,18 +279,22 @@ def protocol_sweep(
     }
 
 
-def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> dict[str, Any]:
+def run_probe_benchmark(
+    seed: int = 0, repeats: int = 3, sweep: bool = True, num_classes: int = 102, dim: int = 2048
+) -> dict[str, Any]:
     """Fit time and test accuracy, ours vs scikit-learn (see the module docstring).
 
     Args:
       seed: of the synthetic features.
+      num_classes, dim: of the synthetic features (default: Caltech-101's classes and
+        ResNet-50's 2,048 features; 30 train and 50 test images per class either way).
       repeats: timed repetitions of each single fit (the minimum is kept).
       sweep: also time the whole Caltech-101 protocol sweep (minutes with scikit-learn).
 
     Returns:
       A JSON-ready dict of timings, iterations, accuracies, the measured matmul FLOP/s and the load.
     """
-    shape = CALTECH101_SHAPE
+    shape = dict(CALTECH101_SHAPE, num_classes=num_classes, dim=dim)
     c, d = shape["num_classes"], shape["dim"]
     data = {
         "num_classes": c,
@@ -241,7 +306,7 @@ def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> 
         "shape": shape,
         "devices": str(jax.devices()[0].device_kind),
         "cpus": os.cpu_count(),
-        "load_before": machine_load(),
+        "load_before": common.load_average(),
         "matmul_gflops": data["flops"] / 1e9,
     }
     out["single_fit"] = [
@@ -254,6 +319,8 @@ def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> 
         runs = [
             ("logistic", "ours"),
             ("logistic", "ours"),
+            ("logistic", "optax"),
+            ("logistic", "optax"),
             ("logistic", "sklearn"),
             ("logistic", "sklearn_cold"),
             ("ridge", "ours"),
@@ -264,7 +331,7 @@ def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> 
         for m, b in runs:  # The second "ours" run finds its functions compiled.
             key = f"{m}/{b}" + ("_compiled" if f"{m}/{b}" in out["sweep"] else "")
             out["sweep"][key] = protocol_sweep(pool, m, b, 1e-4)
-    out["load_after"] = machine_load()
+    out["load_after"] = common.load_average()
     return out
 
 
@@ -272,12 +339,8 @@ def run_probe_benchmark(seed: int = 0, repeats: int = 3, sweep: bool = True) -> 
 
 
 def _time_batches(run: Callable[[], Any], batch: int, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        run()
-    start = time.perf_counter()
-    for _ in range(steps):
-        run()
-    return batch * steps / (time.perf_counter() - start)
+    """Images/s of `run` (one batch a call) over `steps` calls after `warmup`."""
+    return batch * steps / sum(common.call_times(run, steps, warmup))
 
 
 def jax_features_speed(model_name: str, batch: int, size: int, steps: int, warmup: int) -> float:
@@ -344,10 +407,12 @@ def run_feature_benchmark(
     image_size: int = 224,
     steps: int = 5,
     warmup: int = 2,
+    frameworks: Sequence[str] = ("jaxres", "torchvision", "keras_jax"),
 ) -> dict[str, Any]:
     """ResNet-50 feature extraction img/s: jaxres vs torchvision vs Keras 3 (JAX backend), one process.
 
-    A framework that is not installed gets a note instead of a number.
+    A framework that is not installed gets a note instead of a number; `frameworks` picks
+    which run.
     """
     threads = os.cpu_count() or 1
     out = {
@@ -357,7 +422,7 @@ def run_feature_benchmark(
         "steps": steps,
         "threads": threads,
         "jax_devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "load_before": machine_load(),
+        "load_before": common.load_average(),
     }
     runs = {
         "jaxres": lambda: jax_features_speed(model, batch_size, image_size, steps, warmup),
@@ -365,11 +430,13 @@ def run_feature_benchmark(
         "keras_jax": lambda: keras_features_speed(batch_size, image_size, steps, warmup),
     }
     for name, run in runs.items():
+        if name not in frameworks:
+            continue
         try:
             out[name] = {"img_per_sec": run()}
         except ImportError as e:
             out[name] = {
                 "skipped": f"not installed ({e.name}); pip install torch==2.14.1 torchvision==0.29.1 keras"
             }
-    out["load_after"] = machine_load()
+    out["load_after"] = common.load_average()
     return out

@@ -15,8 +15,6 @@ import platform
 import resource
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,6 +22,7 @@ import numpy as np
 
 from jaxres import config_base, optim, parallel, runs, train
 from jaxres import state as state_lib
+from jaxres.bench import common
 from jaxres.data import loader
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,48 +39,6 @@ def device_name(framework: str = "jax") -> str:
     return device.device_kind
 
 
-_CPU_DETAILS: dict[str, Any] = {}
-
-
-def cpu_details() -> dict[str, Any]:
-    """What a CPU figure depends on: CPU model, AVX-512 yes/no, cores, measured sgemm GFLOP/s.
-
-    The sgemm rate (`flops.host_sgemm_flops`, 0.15 s on 2 cores) is measured once per
-    process; on a shared host it also tells how contended the cores were.
-    """
-    if not _CPU_DETAILS:
-        from jaxres import flops
-
-        model, cpu_flags = platform.processor() or platform.machine(), set()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        model = line.split(":", 1)[1].strip()
-                    elif line.startswith("flags"):
-                        cpu_flags = set(line.split(":", 1)[1].split())
-                    if cpu_flags and line.startswith("model name"):
-                        break
-        except OSError:  # Not Linux: the model from `platform`, flags unknown.
-            pass
-        _CPU_DETAILS.update(
-            cpu_model=model,
-            avx512=any(flag.startswith("avx512") for flag in cpu_flags),
-            cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            sgemm_gflops=round(flops.host_sgemm_flops() / 1e9, 1),
-        )
-    return dict(_CPU_DETAILS)
-
-
-def load_average() -> str:
-    """/proc/loadavg's 1, 5 and 15 minute figures, or "" where there is none."""
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return ""
-
-
 def peak_memory_gb() -> float:
     """Peak device memory; on CPU the process's peak RSS (host memory)."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -90,19 +47,8 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def time_steps(run: Callable[[], Any], steps: int, warmup: int) -> list[float]:
-    """Seconds per call of `run` (which must return something to block on)."""
-    for _ in range(warmup):
-        jax.block_until_ready(run())
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _config(model: str, batch_size: int, dtype: str, image_size: int, num_classes: int):
+def bench_config(model: str, batch_size: int, dtype: str, image_size: int, num_classes: int):
+    """The base config with `model`, its dtype, batch (train and eval), image size and classes."""
     c = config_base.base_config()
     c.model.name, c.model.dtype = model, dtype
     c.batch_size = c.eval_batch_size = batch_size
@@ -110,7 +56,8 @@ def _config(model: str, batch_size: int, dtype: str, image_size: int, num_classe
     return c
 
 
-def _synthetic(batch_size: int, image_size: int, num_classes: int, leading: tuple = ()) -> dict[str, np.ndarray]:
+def synthetic_batch(batch_size: int, image_size: int, num_classes: int, leading: tuple = ()) -> dict[str, np.ndarray]:
+    """A seeded random host batch {"image" uint8, "label", "mask"}; `leading`: e.g. (1,) micro-batches."""
     rng = np.random.default_rng(0)
     return {
         "image": rng.integers(0, 256, (*leading, batch_size, image_size, image_size, 3), dtype=np.uint8),
@@ -119,7 +66,7 @@ def _synthetic(batch_size: int, image_size: int, num_classes: int, leading: tupl
     }
 
 
-def _train_setup(config) -> tuple:
+def train_setup(config) -> tuple:
     """Mesh, a fresh replicated TrainState and the jitted train / eval steps of `config`."""
     mesh = parallel.make_mesh()
     net = runs.build_model(config)
@@ -132,31 +79,27 @@ def _train_setup(config) -> tuple:
 def bench_jax(what: str, model: str, batch_size: int, dtype: str, steps: int, warmup: int,
               image_size: int = 224, num_classes: int = 1000) -> dict[str, Any]:
     """jaxres `train_step` (what="train") or the eval forward pass (what="infer")."""
-    config = _config(model, batch_size, dtype, image_size, num_classes)
-    mesh, state, step_fn, eval_fn = _train_setup(config)
+    config = bench_config(model, batch_size, dtype, image_size, num_classes)
+    mesh, state, step_fn, eval_fn = train_setup(config)
     if what == "train":
-        batch = parallel.to_global(_synthetic(batch_size, image_size, num_classes, (1,)), mesh, batch_axis=1)
-        start = time.perf_counter()
-        compiled = step_fn.lower(state, batch).compile()
-        compile_s = time.perf_counter() - start
+        batch = parallel.to_global(synthetic_batch(batch_size, image_size, num_classes, (1,)), mesh, batch_axis=1)
+        compile_s, compiled = common.timed(lambda: step_fn.lower(state, batch).compile())
         holder = [state]
 
         def run():
             holder[0], _ = compiled(holder[0], batch)
             return holder[0].step
     else:
-        batch = parallel.to_global(_synthetic(batch_size, image_size, num_classes), mesh)
+        batch = parallel.to_global(synthetic_batch(batch_size, image_size, num_classes), mesh)
         variables = runs.eval_variables(
             state.params, state.ema_params, state.batch_stats, config.ema_decay
         )
-        start = time.perf_counter()
-        compiled = eval_fn.lower(variables, batch).compile()
-        compile_s = time.perf_counter() - start
+        compile_s, compiled = common.timed(lambda: eval_fn.lower(variables, batch).compile())
 
         def run():
             return compiled(variables, batch)
 
-    times = time_steps(run, steps, warmup)
+    times = common.call_times(run, steps, warmup)
     return result_row(what, "jax", model, batch_size, dtype, times, compile_s)
 
 
@@ -185,7 +128,7 @@ def result_row(what: str, framework: str, model: str, batch_size: int, dtype: st
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         # CPU rows: what the figure depends on (GPU rows name their device already).
-        **({**cpu_details(), "loadavg": load_average()} if jax.devices()[0].platform == "cpu" else {}),
+        **(common.machine() if jax.devices()[0].platform == "cpu" else {}),
         **extra,
     }
 
@@ -227,10 +170,10 @@ def render_markdown(path: str = RESULTS) -> str:
 
 def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, num_workers: int,
               dataset: str = "", data_dir: str = "", image_size: int = 224,
-              decoder: str = "cpu") -> dict[str, Any]:
+              decoder: str = "cpu", num_images: int = 1024) -> dict[str, Any]:
     """Training from JPEG records through the grain pipeline vs the same step on synthetic data.
 
-    With no `dataset`, 1,024 ImageNet-like JPEGs (500x375, q90) are written as
+    With no `dataset`, `num_images` ImageNet-like JPEGs (500x375, q90) are written as
     records first. The ratio `e2e_over_synthetic` says whether the host keeps
     the device fed (1.0 = the input pipeline costs nothing).
     """
@@ -238,7 +181,7 @@ def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, 
 
     from jaxres.data import sources
 
-    config = _config(model, batch_size, dtype, image_size, 1000)
+    config = bench_config(model, batch_size, dtype, image_size, 1000)
     config.input.num_workers = num_workers
     config.input.decoder = decoder
     if dataset:
@@ -250,9 +193,9 @@ def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, 
         from jaxres.bench import input as bench_input
 
         tmp = tempfile.mkdtemp(prefix="jaxres_e2e_")
-        source = bench_input.write_records(Path(tmp) / "e2e", bench_input.make_jpegs(1024))
-    mesh, state, step_fn, _ = _train_setup(config)
-    synthetic = parallel.to_global(_synthetic(batch_size, image_size, 1000, (1,)), mesh, batch_axis=1)
+        source = bench_input.write_records(Path(tmp) / "e2e", bench_input.make_jpegs(num_images))
+    mesh, state, step_fn, _ = train_setup(config)
+    synthetic = parallel.to_global(synthetic_batch(batch_size, image_size, 1000, (1,)), mesh, batch_axis=1)
     micro_batches = loader.train_micro_batches(config, source, 0)
     batches = parallel.prefetch_to_device(micro_batches, mesh, batch_axis=1)
     holder = [state]
@@ -261,16 +204,12 @@ def bench_e2e(model: str, batch_size: int, dtype: str, steps: int, warmup: int, 
         holder[0], _ = step_fn(holder[0], batch)
         return holder[0].step
 
-    synthetic_times = time_steps(lambda: run(synthetic), steps, warmup)
+    synthetic_times = common.call_times(lambda: run(synthetic), steps, warmup)
     # The real pipeline, timed over the whole window: host and device overlap, so a
     # per-step median would hide a stall; the window mean does not.
-    for _ in range(warmup):
-        jax.block_until_ready(run(next(batches)))
-    start = time.perf_counter()
-    for _ in range(steps):
-        last = run(next(batches))
-    jax.block_until_ready(last)
-    e2e_step = (time.perf_counter() - start) / steps
+    common.call_times(lambda: run(next(batches)), 0, warmup)
+    window, _ = common.timed(lambda: [run(next(batches)) for _ in range(steps)][-1])
+    e2e_step = window / steps
     row = result_row("e2e", "jax", model, batch_size, dtype, [e2e_step], 0.0,
                      num_workers=num_workers, decoder=decoder,
                      dataset=dataset or "synthetic JPEG records (500x375 q90)")

@@ -8,13 +8,14 @@ Needs the `[convert]` extra (torch, torchvision, timm).
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
+from jaxres.bench import common
 from jaxres.bench import steps as bench_steps
 
 
-def _model(name: str):
+def torch_model(name: str):
+    """An untrained torchvision model of that name, else timm's."""
     import torchvision
 
     if hasattr(torchvision.models, name):
@@ -30,7 +31,7 @@ def bench_torch(what: str, model: str, batch_size: int, dtype: str, steps: int, 
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = _model(model).to(device).to(memory_format=torch.channels_last)
+    net = torch_model(model).to(device).to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch_size,), device=device)
@@ -58,19 +59,13 @@ def bench_torch(what: str, model: str, batch_size: int, dtype: str, steps: int, 
     if compile_model:
         fn = torch.compile(fn)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    fn()
-    sync()
-    compile_s = time.perf_counter() - start
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
+
+    def run():
         fn()
         sync()
-        times.append(time.perf_counter() - t)
+
+    compile_s, _ = common.timed(run)
+    times = common.call_times(run, steps, warmup)
     row = bench_steps.result_row(what, "torch", model, batch_size, dtype, times, compile_s,
                                  torch=torch.__version__, torch_compile=compile_model)
     if device == "cuda":

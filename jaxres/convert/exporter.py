@@ -122,7 +122,7 @@ def state_dict(
         )
     template = importer.template(arch, num_classes)
     have = flax.traverse_util.flatten_dict({k: v for k, v in variables.items() if v})
-    want = dict(importer.network_order(template))
+    want = dict(importer.param_leaves_in_network_order(template))
     if set(have) != set(want):
         odd = sorted(set(have) ^ set(want))[:3]
         raise CheckpointError(f"The run's weights are not those of {library} {name}: {odd}.")

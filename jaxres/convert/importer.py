@@ -296,7 +296,7 @@ def assign(
         return f"{key!r}" + (f" ({aliases[key]})" if key in aliases else "")
 
     flat, used = {}, {}
-    for path, abstract in network_order(template):
+    for path, abstract in param_leaves_in_network_order(template):
         module, var = "/".join(path[1:-1]), path[-1]
         target = f"{module}/{var}"
         key = key_fn(module, var)
@@ -335,7 +335,7 @@ def assign(
 _VAR_ORDER = ("kernel", "scale", "bias", "mean", "var")
 
 
-def network_order(template: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
+def param_leaves_in_network_order(template: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
     """Template leaves from input to head, so that the first missing tensor is reported."""
 
     def rank(path: tuple[str, ...]) -> tuple:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxres.data import transforms
+from jaxres.data import decode, transforms
 from jaxres.errors import ConfigError, unknown_name
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,10 @@ DECODERS = ("cpu", "dali")
 HW_DECODER_LOAD = 0.75
 
 
-_PLACEHOLDER = np.frombuffer(transforms.PLACEHOLDER_JPEG, np.uint8)  # Unreadable records (masked).
+_PLACEHOLDER = np.frombuffer(decode.PLACEHOLDER_JPEG, np.uint8)  # Unreadable records (masked).
 
 
-def _spec(record: dict[str, Any], box: transforms.Box | None, flip: bool, size: tuple[int, int]) -> dict:
+def _spec(record: dict[str, Any], box: decode.Box | None, flip: bool, size: tuple[int, int]) -> dict:
     if box is None:
         jpeg, box, mask, label = _PLACEHOLDER, (0, 0, 8, 8), 0.0, 0
     else:
@@ -67,9 +67,9 @@ def _spec(record: dict[str, Any], box: transforms.Box | None, flip: bool, size: 
 def _header(record: dict[str, Any], truncated: str = "keep") -> tuple[int, int] | None:
     try:
         image = record["image"]
-        if truncated == "skip" and image[:2] == b"\xff\xd8" and transforms.jpeg_truncated(image):
-            raise transforms.TruncatedImageError("truncated file (input.truncated=skip)")
-        return transforms.image_size(image)
+        if truncated == "skip" and image[:2] == b"\xff\xd8" and decode.jpeg_truncated(image):
+            raise decode.TruncatedImageError("truncated file (input.truncated=skip)")
+        return decode.image_size(image)
     except Exception as e:  # noqa: BLE001 - any unreadable header is skipped, not fatal.
         log.warning("Skipping undecodable image %s: %s", record.get("key", "?"), e)
         return None
@@ -81,7 +81,7 @@ class TrainCrops:
     def __init__(self, min_area: float = 0.08, flip: bool = True, truncated: str = "keep"):
         self.area_range = (min_area, 1.0)
         self.flip = flip
-        self.truncated = transforms.check_truncated(truncated)
+        self.truncated = decode.check_truncated(truncated)
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         size = _header(record, self.truncated)
@@ -96,7 +96,7 @@ class EvalCrops:
 
     def __init__(self, crop_ratio: float = transforms.EVAL_CROP_RATIO, truncated: str = "keep"):
         self.crop_ratio = crop_ratio
-        self.truncated = transforms.check_truncated(truncated)
+        self.truncated = decode.check_truncated(truncated)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         size = _header(record, self.truncated)
@@ -202,13 +202,13 @@ class DaliDecoder:
         for i, (jpeg, crop, flip) in enumerate(zip(batch["jpeg"], batch["box"], batch["flip"])):
             record = {"image": jpeg.tobytes(), "key": batch["key"][i], "label": batch["label"][i]}
             try:
-                array, box = transforms.decode_for_crop(
+                array, box = decode.decode_for_crop(
                     record["image"], lambda w, h, b=tuple(crop): b, lambda box: size, record["key"]
                 )
                 image = transforms.crop_resize(array, box, size)
                 images.append(transforms.flip_left_right(image) if flip else image)
             except Exception as e:  # noqa: BLE001 - as the CPU transforms: skip, never stop.
-                images.append(transforms.skipped(record, size + (3,), e)["image"])
+                images.append(decode.skipped(record, size + (3,), e)["image"])
                 masks[i] = 0
         return {"image": np.stack(images), "label": batch["label"], "mask": masks}
 

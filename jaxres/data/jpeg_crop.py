@@ -10,7 +10,7 @@ longjmp through Python), so a ctypes binding is safe.
 
 The library comes from the `turbojpeg` wheel (it bundles libturbojpeg 3) or
 from the system (`libturbojpeg.so.0` of libjpeg-turbo >= 3.0). Without one,
-`available()` is False and transforms.py decodes the whole image instead.
+`available()` is False and decode.py decodes the whole image instead.
 """
 
 from __future__ import annotations

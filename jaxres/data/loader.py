@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from jaxres import parallel
-from jaxres.data import dali, pipeline, transforms
+from jaxres.data import dali, decode, pipeline, transforms
 from jaxres.errors import ConfigError, unknown_name
 
 VIEWS = {"center": 1, "flip": 2, "10crop": 10}  # View name -> views per image.
@@ -67,7 +67,7 @@ def view_transform(
     """
     if views not in VIEWS:
         raise ConfigError(unknown_name("views", views, VIEWS))
-    transforms.check_truncated(truncated)
+    decode.check_truncated(truncated)
     if decoder == "dali":
         if views != "center":
             raise ConfigError(f"views={views!r} runs on the CPU decoder only; set --config.input.decoder=cpu.")

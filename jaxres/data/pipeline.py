@@ -23,7 +23,7 @@ the shuffled records spans K epochs, and each record appears exactly K times in 
 Evaluation pads the split to a whole number of global batches with masked
 examples, so every example is counted exactly once on any number of hosts.
 
-A record that cannot be decoded arrives with `mask = 0` (see transforms.py);
+A record that cannot be decoded arrives with `mask = 0` (see decode.py);
 training batches have no padding, so their rows with mask 0 are the
 undecodable records, counted correctly across grain worker processes.
 
@@ -49,7 +49,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from jaxres.data import transforms, workers
+from jaxres.data import decode, workers
 
 # Examples -> one batch; grain's default stacks every field.
 BatchFn = Callable[[Sequence[Any]], Any]
@@ -160,7 +160,7 @@ class _Padded:
     def __getitem__(self, index: int) -> tuple[dict[str, Any], bool]:
         if index < len(self._source):
             return self._source[index], True
-        return {"image": transforms.PLACEHOLDER_JPEG, "label": 0, "key": "padding"}, False
+        return {"image": decode.PLACEHOLDER_JPEG, "label": 0, "key": "padding"}, False
 
 
 class _MaskPadding:

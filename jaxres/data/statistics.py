@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxres.data import transforms
 from jaxres.console import progress_bar
+from jaxres.data import decode
 
 
 def dataset_statistics(source: Any, max_images: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def dataset_statistics(source: Any, max_images: int = 1000, seed: int = 0) -> di
         record = source[int(i)]
         try:
             array = np.asarray(
-                transforms.decode(record["image"], record["key"]), np.float64
+                decode.decode(record["image"], record["key"]), np.float64
             ).reshape(-1, 3)
         except Exception:  # noqa: BLE001 - listed in the result.
             undecodable.append(record["key"])

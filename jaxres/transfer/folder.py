@@ -9,15 +9,15 @@ are used as they are. The run's features of `--layer` are computed once and cach
 in `OUT/features` (a second call with another head skips the forward passes), the
 head is fitted with its penalty sweep (or early stopping, MLP) on the train part,
 scored on the validation part and exported into `OUT` as a run
-(`jaxres.transfer.export`). `OUT` also gets the report: `results.json` (overall and
-per-class accuracy), `confusion.png` and `predictions.png` (validation images,
-mistakes first).
+(`jaxres.transfer.export`). `OUT` also gets the report (`jaxres.transfer.report`):
+`results.json` (overall and per-class accuracy), `confusion.png` and `predictions.png`
+(validation images, mistakes first). `--batch_size` (default: the run's
+eval_batch_size) must divide over the devices, as every entry point's batch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -27,16 +27,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxres import parallel, plots, predict, runs
+from jaxres import parallel, runs
 from jaxres.config_base import base_config
 from jaxres.config_transfer import DEFAULT_LAYER, base_transfer_config
 from jaxres.data import embedded, sources
 from jaxres.errors import CheckpointError, ConfigError, DataError
-from jaxres.console import log_line
-from jaxres.transfer import export, features, probe, runner
+from jaxres.transfer import export, features, probe, report, runner
 
 HEADS = ("logistic", "ridge", "mlp")
-GRID_IMAGES = 32
 
 
 def split_dataset(images: str, output: str, val_fraction: float, seed: int) -> ml_collections.ConfigDict:
@@ -121,7 +119,7 @@ def transfer_folder(
     extractor = features.FeatureExtractor(loaded, layer, mesh=mesh)
     export.check_exportable(extractor)
     batch_size = batch_size or loaded.config.eval_batch_size
-    batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    parallel.check_batch_size(batch_size, mesh, "--batch_size")
     start = time.perf_counter()
     cache = os.path.join(output, "features")
     _, x_train, y_train, _ = _features(extractor, dataset, dataset.train_split, cache, batch_size)
@@ -142,54 +140,11 @@ def transfer_folder(
         run=output,
         backbone=loaded.run,
         layer=layer,
-        per_class=per_class_accuracy(y_val, predictions, names),
+        per_class=report.per_class_accuracy(y_val, predictions, names),
         seconds={"features": feature_seconds, "head": row["seconds"]},
     )
     if jax.process_index() == 0:
-        write_report(output, results, y_val, predictions, fitted, x_val, val_source, val_mask, names)
+        report.write_folder_report(
+            output, results, y_val, predictions, fitted, x_val, val_source, val_mask, names
+        )
     return results
-
-
-def per_class_accuracy(labels: np.ndarray, predictions: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
-    """One row per class: its validation images, how many were right, the accuracy."""
-    rows = []
-    for c, name in enumerate(names):
-        mine = labels == c
-        correct = int((predictions[mine] == c).sum())
-        rows.append({"class": name, "count": int(mine.sum()), "correct": correct,
-                     "accuracy": correct / max(int(mine.sum()), 1)})  # fmt: skip
-    return rows
-
-
-def table(results: dict[str, Any]) -> str:
-    """The printed report: overall, then per class (worst first)."""
-    summary = (
-        f"{results['method']} head on {results['layer']} of {results['backbone']}: validation top-1 "
-        f"{results['test_top1']:.4f}, mean per-class {results['test_mean_per_class']:.4f} "
-        f"({results['n_train']} train / {results['n_test']} validation images; features "
-        f"{results['seconds']['features']:.1f} s, head {results['seconds']['head']:.1f} s)"
-    )
-    lines = [summary, f"{'class':<24}{'images':>8}{'correct':>9}{'accuracy':>10}"]
-    for r in sorted(results["per_class"], key=lambda r: (r["accuracy"], r["class"])):
-        lines.append(f"{r['class'][:23]:<24}{r['count']:>8}{r['correct']:>9}{r['accuracy']:>10.3f}")
-    return "\n".join(lines)
-
-
-def write_report(output, results, labels, predictions, fitted, x_val, val_source, val_mask, names) -> None:
-    """results.json, confusion.png and predictions.png (mistakes first) into `output`; prints the table."""
-    with open(os.path.join(output, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    title = f"{results['method']} head: validation top-1 {100 * results['test_top1']:.1f}%"
-    plots.confusion(labels, predictions, names, title, os.path.join(output, "confusion.png"))
-    scores = np.asarray(jax.nn.softmax(jax.device_get(fitted.predict_scores(x_val))[: len(labels)], axis=-1))
-    decoded = np.flatnonzero(val_mask > 0)  # Rows of x_val -> records of the source.
-    order = sorted(range(len(labels)), key=lambda i: (predictions[i] == labels[i], i))[:GRID_IMAGES]
-    shown = []
-    for i in order:
-        record = val_source[int(decoded[i])]
-        path = os.path.join(val_source.root, record["key"])
-        top = [(names[c], float(scores[i, c])) for c in np.argsort(-scores[i])[:3]]
-        shown.append(predict.Prediction(path, top, names[labels[i]], True))
-    predict.draw_grid(shown, os.path.join(output, "predictions.png"))
-    log_line(table(results) + f"\nWrote {output}: results.json, confusion.png, predictions.png; the "
-             f"classifier is a run:\n  python scripts/predict.py --workdir {output} IMAGE...")  # fmt: skip

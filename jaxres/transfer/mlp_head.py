@@ -12,7 +12,7 @@ the features: see "MLP head vs logistic probe" in benchmarks/probe.md.
 
 The model, on standardised features z = (x - mu) / sigma (mean / std of all train rows,
 held-out ones included as in the logistic probe, which is label-free; sigma = 1 for
-constant features: `probe._standardise_stats`):
+constant features: `probe.standardise_stats`):
 
     h = relu(z W1 + b1)                  W1 [D, H], He-normal; b1 = 0
     h~ = dropout(h, rate)                training only (inverted: kept units scaled by 1 / (1 - rate))
@@ -222,10 +222,10 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
 
 
-class MLPProbe(probe.LinearProbe):
+class MLPProbe(probe.Probe):
     """A ReLU MLP head (one hidden layer, dropout, AdamW), early-stopped on a held-out part.
 
-    Same interface as `probe.LinearProbe` (`fit`, `predict_scores`, `predict`, `score`,
+    Same interface as every `probe.Probe` (`fit`, `predict_scores`, `predict`, `score`,
     `l2_`, `l2_source_`, `sweep_`, `num_classes`); `sweep_` maps step counts to held-out
     top-1 and `steps_` is the chosen one. See the module docstring for the method.
     """
@@ -245,7 +245,6 @@ class MLPProbe(probe.LinearProbe):
         holdout: float = 0.2,
         seed: int = 0,
     ):
-        # LinearProbe.__init__ validates an L2 sweep, which this head does not have.
         _check("hidden", hidden, _is_int(hidden) and hidden >= 1, "an integer >= 1", "hidden=512")
         _check("dropout", dropout, _is_real(dropout) and 0 <= dropout < 1, "in [0, 1)", "0.5")
         _check(
@@ -297,12 +296,12 @@ class MLPProbe(probe.LinearProbe):
           nothing was held out), `l2_`, `l2_source_`, `mu_`, `sigma_`, `params_`.
         """
         y_host = np.asarray(y, np.int32)
-        mask_host = probe._host_mask(mask, len(y_host))
+        mask_host = probe.host_mask(mask, len(y_host))
         self.num_classes = int(num_classes or y_host[mask_host > 0].max() + 1)
         x = x if isinstance(x, jax.Array) else jnp.asarray(x, jnp.float32)
         labels, weights = probe.pad_like(y_host, x), probe.pad_like(mask_host, x)
         x = _zero_masked_rows(x, weights)
-        self.mu_, self.sigma_ = probe._standardise_stats(x, weights)
+        self.mu_, self.sigma_ = probe.standardise_stats(x, weights)
         # Full-batch or not is decided once, on all train rows: the sweep and refit agree.
         batch = None if (mask_host > 0).sum() <= self.batch_size else self.batch_size
         hold = probe.class_balanced_holdout(y_host, mask_host, self.holdout, self.seed)

@@ -1,4 +1,9 @@
-"""Transfer results: mean +- std over trials, the printed table, results.json / .csv, confusion.png."""
+"""Transfer results, the protocol's and the folder flow's: tables, results.json, pictures.
+
+A protocol (`runner.run_protocol`): mean +- std over trials, the printed table,
+results.json / .csv, confusion.png. A folder (`folder.transfer_folder`): per-class
+accuracy, the printed table, results.json, confusion.png, predictions.png.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
-from jaxres import plots
+from jaxres import plots, predict
 from jaxres.console import log_line
 
 
@@ -95,3 +101,56 @@ def write_outputs(
     )
     plots.confusion(labels, predictions, names, title, os.path.join(workdir, "confusion.png"))
     log_line(table(results))
+
+
+# ---------------------------------------------------------------- the folder flow (scripts/transfer.py)
+
+GRID_IMAGES = 32  # Validation images in predictions.png.
+
+
+def per_class_accuracy(labels: np.ndarray, predictions: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+    """One row per class: its validation images, how many were right, the accuracy."""
+    rows = []
+    for c, name in enumerate(names):
+        mine = labels == c
+        correct = int((predictions[mine] == c).sum())
+        rows.append({"class": name, "count": int(mine.sum()), "correct": correct,
+                     "accuracy": correct / max(int(mine.sum()), 1)})  # fmt: skip
+    return rows
+
+
+def folder_table(results: dict[str, Any]) -> str:
+    """The printed report of `folder.transfer_folder`: overall, then per class (worst first)."""
+    summary = (
+        f"{results['method']} head on {results['layer']} of {results['backbone']}: validation top-1 "
+        f"{results['test_top1']:.4f}, mean per-class {results['test_mean_per_class']:.4f} "
+        f"({results['n_train']} train / {results['n_test']} validation images; features "
+        f"{results['seconds']['features']:.1f} s, head {results['seconds']['head']:.1f} s)"
+    )
+    lines = [summary, f"{'class':<24}{'images':>8}{'correct':>9}{'accuracy':>10}"]
+    for r in sorted(results["per_class"], key=lambda r: (r["accuracy"], r["class"])):
+        lines.append(f"{r['class'][:23]:<24}{r['count']:>8}{r['correct']:>9}{r['accuracy']:>10.3f}")
+    return "\n".join(lines)
+
+
+def write_folder_report(
+    output, results, labels, predictions, fitted, x_val, val_source, val_mask, names
+) -> None:
+    """`folder.transfer_folder`'s report into `output`: results.json, confusion.png and
+    predictions.png (validation images, mistakes first); prints `folder_table`."""
+    with open(os.path.join(output, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    title = f"{results['method']} head: validation top-1 {100 * results['test_top1']:.1f}%"
+    plots.confusion(labels, predictions, names, title, os.path.join(output, "confusion.png"))
+    scores = np.asarray(jax.nn.softmax(jax.device_get(fitted.predict_scores(x_val))[: len(labels)], axis=-1))
+    decoded = np.flatnonzero(val_mask > 0)  # Rows of x_val -> records of the source.
+    order = sorted(range(len(labels)), key=lambda i: (predictions[i] == labels[i], i))[:GRID_IMAGES]
+    shown = []
+    for i in order:
+        record = val_source[int(decoded[i])]
+        path = os.path.join(val_source.root, record["key"])
+        top = [(names[c], float(scores[i, c])) for c in np.argsort(-scores[i])[:3]]
+        shown.append(predict.Prediction(path, top, names[labels[i]], True))
+    predict.draw_grid(shown, os.path.join(output, "predictions.png"))
+    log_line(folder_table(results) + f"\nWrote {output}: results.json, confusion.png, predictions.png; the "
+             f"classifier is a run:\n  python scripts/predict.py --workdir {output} IMAGE...")  # fmt: skip

@@ -4,7 +4,7 @@
         --config.model.checkpoint=runs/r50
 
 The config's keys are `jaxres.config_transfer.base_transfer_config`; the draws
-are `jaxres.transfer.sampling`, the probes `jaxres.transfer.probe`, the outputs
+are `jaxres.transfer.sampling`, the probes `jaxres.transfer.probe` (ridge), `logistic` and `mlp_head`, the outputs
 `jaxres.transfer.report`. Features are extracted once per split and cached
 (`jaxres.transfer.features`); results are mean +- sample std over trials of
 top-1 and mean per-class accuracy.
@@ -21,14 +21,15 @@ import ml_collections
 import numpy as np
 
 from jaxres import parallel, runs
-from jaxres.config_transfer import base_transfer_config
 from jaxres.data import sources
 from jaxres.errors import ConfigError, unknown_name
 from jaxres.console import log_line
-from jaxres.transfer import export, features, mlp_head, probe, report, sampling
+from jaxres.transfer import export, features, logistic, mlp_head, probe, report, sampling
 from jaxres.transfer.sampling import KINDS, parse_list
 
-METHODS = (*probe.PROBES, "mlp")
+# The linear probes by config name; "mlp" is `mlp_head.MLPProbe`.
+PROBES = {"ridge": probe.RidgeProbe, "logistic": logistic.LogisticProbe}
+METHODS = (*PROBES, "mlp")
 
 
 def make_probe(method: str, probe_config: ml_collections.ConfigDict, seed: int) -> Any:
@@ -50,7 +51,7 @@ def make_probe(method: str, probe_config: ml_collections.ConfigDict, seed: int) 
     l2s = parse_list(probe_config[f"{method}_l2s"], float, f"probe.{method}_l2s") or None
     if method == "ridge":
         return probe.RidgeProbe(l2s, holdout=probe_config.holdout, seed=seed)
-    return probe.LogisticProbe(
+    return logistic.LogisticProbe(
         l2s,
         holdout=probe_config.holdout,
         seed=seed,
@@ -291,52 +292,3 @@ def export_probe(
         f"as a run: {out}\n  python scripts/predict.py --workdir {out} IMAGE..."
     )
     return dict(info, dir=out)
-
-
-def demo_probe(
-    workdir: str,
-    data_dir: str | None = None,
-    checkpoint: str = "best",
-    method: str = "logistic",
-    export_dir: str = "",
-) -> dict[str, Any]:
-    """A linear probe on a run's pre_logits features: fit on its train split, score on its val split.
-
-    For `make demo`'s results table (the digits demo: under 30 s on 2 cores; features
-    cached in `workdir/features`, so a second call skips the forward passes). With
-    `export_dir`, the probe on the backbone is written there as a run.
-
-    Returns:
-      One row: what, top1, mean_per_class, count (val images), train, l2, l2_source.
-    """
-    config = base_transfer_config()
-    config.dataset = runs.read_config(workdir).dataset
-    if data_dir:
-        config.dataset.data_dir = data_dir
-    member = runs.load(workdir, checkpoint)
-    extractor = features.FeatureExtractor(member)
-    (train_x, train_y), (test_x, test_y), names = load_data(
-        config, extractor, os.path.join(workdir, "features")
-    )
-    row, _, fitted = fit_and_score(
-        method,
-        config.probe,
-        0,
-        (train_x, train_y),
-        (test_x, test_y),
-        len(names),
-        probe.fit_mesh(),
-    )
-    if export_dir:
-        info = {"method": method, "l2": row["l2"], "holdout_top1": row["holdout_top1"],
-                "test_top1": row["top1"], "n_train": len(train_y), "n_test": len(test_y)}  # fmt: skip
-        export.write_probe_run(member, extractor, fitted, names, config.dataset, export_dir, info, overwrite=True)
-    return {
-        "what": f"linear probe ({method}, pre_logits, {len(train_y)} train)",
-        "top1": row["top1"],
-        "mean_per_class": row["mean_per_class"],
-        "count": len(test_y),
-        "train": len(train_y),
-        "l2": row["l2"],
-        "l2_source": row["l2_source"],
-    }

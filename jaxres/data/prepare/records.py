@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxres.data import sources, transforms
+from jaxres.data import decode, sources, transforms
 from jaxres.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def check_image(
     try:
         header = Image.open(io.BytesIO(image_bytes))  # Reads the header only.
     except Exception as e:  # noqa: BLE001 - zero bytes, garbage: reported by the caller.
-        return None, transforms.undecodable_reason(image_bytes, e)
+        return None, decode.undecodable_reason(image_bytes, e)
     size = header.size
     shrink = bool(resize_shorter) and min(size) > resize_shorter
     if header.format == "JPEG" and header.mode in ("RGB", "L") and not shrink:
@@ -91,30 +91,20 @@ def check_image(
     target = transforms.shorter_side_size(*size, resize_shorter) if shrink else None
     draft = None
     if target is not None:
-        scale = transforms.dct_scale((0, 0, *size), target)
+        scale = decode.dct_scale((0, 0, *size), target)
         draft = (math.ceil(size[0] / scale), math.ceil(size[1] / scale)) if scale > 1 else None
     try:
-        image = transforms.pil_open(image_bytes, key, draft, truncated)
-    except transforms.TruncatedImageError:
+        image = decode.pil_open(image_bytes, key, draft, truncated)
+    except decode.TruncatedImageError:
         return None, TRUNCATED_SKIPPED
     except Exception as e:  # noqa: BLE001 - undecodable: reported by the caller.
-        return None, transforms.undecodable_reason(image_bytes, e)
-    note = TRUNCATED_KEPT if image.info.get(transforms.TRUNCATED_INFO) else ""
+        return None, decode.undecodable_reason(image_bytes, e)
+    note = TRUNCATED_KEPT if image.info.get(decode.TRUNCATED_INFO) else ""
     if target is not None:
         image = image.resize(target, Image.Resampling.BICUBIC)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality)
     return out.getvalue(), note
-
-
-def normalize_image(
-    image_bytes: bytes,
-    resize_shorter: int | None = None,
-    quality: int = PREPARE_JPEG_QUALITY,
-    key: str = "?",
-) -> bytes | None:
-    """The bytes to store for one image, or None when it cannot be decoded at all (`check_image`)."""
-    return check_image(image_bytes, resize_shorter, quality, key)[0]
 
 
 def _check_task(args: tuple[bytes, int | None, int, str, str]) -> tuple[bytes | None, str]:
@@ -226,7 +216,7 @@ def write_record_dataset(
     options = {
         "resize_shorter": resize_shorter,
         "jpeg_quality": jpeg_quality,
-        "truncated": transforms.check_truncated(truncated),
+        "truncated": decode.check_truncated(truncated),
     }
     existing = sources.read_metadata(directory)
     if existing is None and directory.exists() and any(directory.iterdir()):
