@@ -49,7 +49,7 @@ def base_transfer_config() -> ml_collections.ConfigDict:
 
     c.probe = ml_collections.ConfigDict()
     c.probe.methods = "logistic,ridge"  # logistic | ridge | mlp; the first draws the confusion matrix.
-    c.probe.logistic_l2s = ""  # Comma-separated; "": jaxres.transfer.probe.LOGISTIC_L2S.
+    c.probe.logistic_l2s = ""  # Comma-separated; "": jaxres.transfer.logistic.LOGISTIC_L2S.
     c.probe.ridge_l2s = ""  # Relative penalties; "": jaxres.transfer.probe.RIDGE_L2S.
     c.probe.holdout = 0.2  # Fraction of each class's train images that picks the L2.
     c.probe.tol = 1e-4  # Logistic: max |gradient| at convergence (scikit-learn's default).

@@ -114,7 +114,7 @@ def layer_group(path: str) -> str:
     return path.split("/")[-1] or "other"
 
 
-def network_order(name: str) -> tuple[int, int]:
+def layer_sort_key(name: str) -> tuple[int, int]:
     """Sort key of layer / group names in the order data flows: stem, stage1.., final_norm,
     pre_logits, head, logits."""
     match = re.fullmatch(r"stage(\d+)", name)
@@ -160,7 +160,7 @@ def model_cost(model: Any, image_size: int) -> ModelCost:
     return ModelCost(
         params=sum(p for p, _ in groups.values()),
         forward_flops=sum(flops.values()),
-        groups={k: tuple(groups[k]) for k in sorted(groups, key=network_order)},
+        groups={k: tuple(groups[k]) for k in sorted(groups, key=layer_sort_key)},
         variables=variables,
     )
 

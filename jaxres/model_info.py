@@ -44,7 +44,7 @@ def summarize(
         "groups": cost.groups,
         "layers": {
             name: tuple(features[name].shape[1:])
-            for name in sorted(features, key=flops_lib.network_order)
+            for name in sorted(features, key=flops_lib.layer_sort_key)
         },
         "image_size": image_size,
         "batch_size": batch_size,

@@ -11,7 +11,7 @@ class name (`FOLDER/<class>/<image>` as in image-folder datasets).
 
 A file that cannot be decoded gets a `Prediction` with `ok=False`, no top
 classes and the reason, and is named once, by `undecodable_lines`: the
-transforms' own per-image warning about it is held back (its reason kept).
+decoder's own per-image warning about it is held back (its reason kept).
 
 `write_predictions` writes timm `inference.py`-style results: CSV columns
 `file, top1_class, top1_prob, ..., topK_class, topK_prob, true_class, decoded`,
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from jaxres import runs
-from jaxres.data import sources, transforms
+from jaxres.data import decode, sources
 from jaxres.errors import ConfigError, DataError
 from jaxres.evaluate import Ensemble
 
@@ -99,7 +99,7 @@ def predict(
     """Top-k class names and probabilities for every image in `inputs` (files or folders).
 
     A file that cannot be decoded comes back with `ok=False`, no top classes
-    and the reason in `error`; the transforms' warnings about it are held back.
+    and the reason in `error`; the decoder's warnings about it are held back.
 
     Args:
       run: run directory.
@@ -116,11 +116,11 @@ def predict(
     devices = ensemble.mesh.devices.size
     batch_size = batch_size or -(-min(member.config.eval_batch_size, len(source)) // devices) * devices
     warnings = _ImageWarnings(source.paths)
-    transforms.log.addFilter(warnings)
+    decode.log.addFilter(warnings)
     try:
         probs, masks = ensemble.probabilities(source, "center", batch_size)
     finally:
-        transforms.log.removeFilter(warnings)
+        decode.log.removeFilter(warnings)
     out = []
     for path, label, p, ok in zip(source.paths, source.labels, probs, masks):
         top = [(names[i], float(p[i])) for i in np.argsort(-p)[:top_k]] if ok else []
@@ -131,7 +131,7 @@ def predict(
 
 
 class _ImageWarnings(logging.Filter):
-    """Holds back `transforms`' per-image warnings for `paths` (a filter on its logger).
+    """Holds back `decode`'s per-image warnings for `paths` (a filter on its logger).
 
     Undecodable files are named by `undecodable_lines` instead (the reason kept
     here); a truncated file's warning is let through once. Other keys (e.g. a

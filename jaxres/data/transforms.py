@@ -17,13 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxres.data.decode import (  # noqa: F401 - `log`: jaxres.predict filters its warnings there.
-    Box,
-    check_truncated,
-    decode_for_crop,
-    log,
-    skipped,
-)
+from jaxres.data.decode import Box, check_truncated, decode_for_crop, skipped
 from jaxres.data.randaugment import RandAugment
 
 try:  # Fast bilinear resize; optional (PIL fallback).
