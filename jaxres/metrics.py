@@ -10,6 +10,7 @@ is not training (`val_top1`, `val_top5`, `val_loss`).
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -100,22 +101,56 @@ def summarize_sums(total: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return summary
 
 
-def _summary_writer_class() -> Any:
-    """tensorboardX's SummaryWriter (no TensorFlow needed), imported without PyTorch.
+def _tensorboardx() -> Any:
+    """tensorboardX's event-file modules (no TensorFlow needed), imported without PyTorch.
 
     tensorboardX imports torch whenever it is installed (the `[convert]` extra), only to accept
     torch tensors: 2-3 s of every training run's start-up on 2 cores. Scalars need none of it.
     """
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
+    import types
 
-        return SummaryWriter
-    sys.modules["torch"] = None  # type: ignore[assignment] # `import torch` raises ImportError.
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # type: ignore[assignment] # `import torch` raises ImportError.
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import event_file_writer, summary
+        from tensorboardX.proto import event_pb2
     finally:
-        del sys.modules["torch"]
-    return SummaryWriter
+        if blocked:
+            del sys.modules["torch"]
+    return types.SimpleNamespace(EventsWriter=event_file_writer.EventsWriter, summary=summary, event_pb2=event_pb2)
+
+
+class EventFile:
+    """A TensorBoard event file whose events are on disk when `add` returns.
+
+    tensorboardX's SummaryWriter hands events to a thread that flushes every 30 s, so a crash
+    or kill -9 lost the steps since (a run's first event file could stay empty); here every
+    write is flushed: 55 us a flush, 0.58 ms for a whole log row of 15 scalars with its JSON
+    line (2-core AVX-512 EPYC, load 1.3), once per log step. `purge_step`: TensorBoard drops the events of
+    this step and later ones from earlier files (a resumed run logs them again).
+    """
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        self._tbx = _tensorboardx()
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = self._tbx.EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")
+        if purge_step is not None:
+            log = self._tbx.event_pb2.SessionLog(status=self._tbx.event_pb2.SessionLog.START)
+            self._write(self._tbx.event_pb2.Event(step=purge_step, session_log=log))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._write(self._tbx.event_pb2.Event(step=step, summary=self._tbx.summary.scalar(tag, value)))
+
+    def _write(self, event: Any) -> None:
+        event.wall_time = time.time()
+        self._writer.write_event(event)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class MetricWriter:
@@ -135,6 +170,7 @@ class MetricWriter:
         self.workdir = workdir
         self._jsonl = None
         self._tb = None
+        self._tags_at: tuple[int, set[str]] = (-1, set())  # TensorBoard tags written at one step.
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -144,7 +180,7 @@ class MetricWriter:
         self._jsonl = open(path, "a")  # noqa: SIM115 - open for the writer's lifetime.
         if tensorboard:
             purge = None if resume_step is None else resume_step + 1
-            self._tb = _summary_writer_class()(os.path.join(workdir, "tb"), flush_secs=30, purge_step=purge)
+            self._tb = EventFile(os.path.join(workdir, "tb"), purge_step=purge)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One JSON line (with `step`) and one TensorBoard scalar per value."""
@@ -155,9 +191,16 @@ class MetricWriter:
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
+            if self._tags_at[0] != step:
+                self._tags_at = (step, set())
+            written = self._tags_at[1]
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k.replace("_", "/", 1) if k.startswith("val_") else k, v, step)
+                tag = k.replace("_", "/", 1) if k.startswith("val_") else k
+                # Once per step: a log step and an evaluation at one step both carry `epoch`.
+                if k != "step" and isinstance(v, (int, float)) and tag not in written:
+                    self._tb.add_scalar(tag, v, step)
+                    written.add(tag)
+            self._tb.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:

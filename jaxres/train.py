@@ -330,6 +330,9 @@ class _Loop:
         """Steps from the state's step to `total_steps` (or to a signal); returns the last state."""
         c = self.config
         eval_every = max(1, int(c.eval_every_epochs * self.steps_per_epoch))
+        if int(state.step) == 0 and c.init_from:  # Fine-tuning: step 0 is the weights it starts from.
+            with self.timer.paused(state):
+                _write_eval(self.writer, 0, self.steps_per_epoch, evaluate(state))
         for step in range(int(state.step) + 1, self.total_steps + 1):
             log_step = step % c.log_every_steps == 0 or step == self.total_steps
             batch = self.timer.next_batch(batches)  # Host time waiting for input; no device sync.
