@@ -153,6 +153,12 @@ def test_train_resume_and_checkpoint_policy(data_dir, tmp_path):
     )
     assert fine.params["head"]["kernel"].shape[-1] == 5
 
+    # Fine-tuning evaluates at step 0, before the first update: the weights it starts from.
+    same = smoke_config(data_dir, init_from=workdir, num_steps=1)
+    train.train_and_evaluate(same, str(tmp_path / "ft"))
+    start = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl")][0]
+    assert start["step"] == 0 and (start["val_top1"], start["val_loss"]) == (evals[-1]["val_top1"], evals[-1]["val_loss"])
+
     # A workdir holding another model's checkpoint is refused with the fix.
     other = smoke_config(data_dir, **{"model.name": "resnetv2_18"})
     with pytest.raises(CheckpointError, match="another --workdir"):
