@@ -133,7 +133,8 @@ def conv(
         )
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
-        pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+        dilated = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], rhs_dilation or (1, 1))]
+        pads = lax.padtype_to_pads(lhs.shape[1:3], dilated, strides, padding)
     else:
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 
 ENV_SWITCH = "JAXRES_ONEDNN"
+# OpenMP threads per convolution call; default: cores / local CPU devices (see `threads()`).
+ENV_THREADS = "JAXRES_ONEDNN_THREADS"
 # The documented off switch, read once: "0" keeps every conv on the XLA / matmul path.
 _ENABLED = os.environ.get(ENV_SWITCH, "1") != "0"
 _TARGETS = {
@@ -52,9 +54,19 @@ def _load() -> str:
     lib = ctypes.CDLL(kernels[-1])
     for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    lib.JaxresOnednnSetThreads(ctypes.c_int(threads()))
     lib.JaxresOnednnVersion.restype = ctypes.c_int64
     v = lib.JaxresOnednnVersion()
     return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+def threads() -> int:
+    """OpenMP threads for each convolution call: `JAXRES_ONEDNN_THREADS`, else the cores divided
+    among the local CPU devices (each device calls from its own thread, each call starts its own
+    team: one device per core means one thread per call, no oversubscription)."""
+    if os.environ.get(ENV_THREADS):
+        return int(os.environ[ENV_THREADS])
+    return max(1, len(os.sched_getaffinity(0)) // len(jax.local_devices(backend="cpu")))
 
 
 @functools.cache

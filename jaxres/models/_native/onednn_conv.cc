@@ -13,6 +13,7 @@
 // wheel), so the build needs neither the library nor its SYCL runtime.
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -23,6 +24,9 @@
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
+// GNU OpenMP (libdnnl's threading runtime, loaded with it).
+extern "C" void omp_set_num_threads(int);
+
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
@@ -32,8 +36,14 @@ namespace {
 
 enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-// kind, N, H, W, Ci, KH, KW, Co, OH, OW, stride h/w, pad t/b/l/r, dilation h/w.
-using Key = std::array<int64_t, 18>;
+// kind, N, H, W, Ci, KH, KW, Co, OH, OW, stride h/w, pad t/b/l/r, dilation h/w, threads.
+using Key = std::array<int64_t, 19>;
+
+// OpenMP threads per call (0: OpenMP's default, all cores). Each XLA CPU device calls from its
+// own thread and each such call starts its own OpenMP team, so with one device per core this
+// is 1; oneDNN sizes a primitive's work split for the thread count it is created with, hence
+// part of the key.
+std::atomic<int> g_threads{0};
 
 struct KeyHash {
   size_t operator()(const Key& k) const {
@@ -141,9 +151,11 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer::Dimensions x_dims, ffi::AnyBuffer::Dim
   if (x_dims.size() != 4 || w_dims.size() != 4 || y_dims.size() != 4) {
     return ffi::Error::InvalidArgument("onednn conv: operands must be rank 4 (NHWC, HWIO)");
   }
+  const int threads = g_threads.load();
+  if (threads > 0) omp_set_num_threads(threads);  // this thread's teams, creation and execution
   Key k{kind,      x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1], w_dims[3],
         y_dims[1], y_dims[2], window[0], window[1], window[2], window[3], window[4], window[5],
-        window[6], window[7]};
+        window[6], window[7], threads};
   try {
     auto entry = Lookup(k);
     auto& eng = Engine();
@@ -221,6 +233,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardData, BackwardData,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOnednnConvBackwardWeights, BackwardWeights,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()
                                   JAXRES_WINDOW_ATTRS);
+
+// Sets the OpenMP threads each convolution call uses (0: OpenMP's default).
+extern "C" void JaxresOnednnSetThreads(int threads) { g_threads.store(threads); }
 
 // The linked oneDNN's version, so Python can say which library it runs on.
 extern "C" int64_t JaxresOnednnVersion() {
