@@ -17,7 +17,7 @@ from jaxres.bench import op_profile
 from jaxres.models import cpu_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-MATMUL = functools.partial(MATMUL, backend="matmul")
+MATMUL = functools.partial(cpu_conv.conv, backend="matmul")
 RTOL = 1e-5
 
 
@@ -106,7 +106,7 @@ def test_grad_of_a_loss_under_jit_matches():
 
 
 def test_flax_conv_with_it_matches_plain_flax_conv():
-    """The wiring the module doc names: `nn.Conv(..., conv_general_dilated=MATMUL)`."""
+    """The wiring the module doc names: `nn.Conv(..., conv_general_dilated=partial(cpu_conv.conv, backend=...))`."""
     x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 9, 9, 4)), jnp.float32)
     plain = nn.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)
     custom = nn.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False,
