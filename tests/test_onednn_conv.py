@@ -42,7 +42,8 @@ def _check(x_shape, k_shape, strides, padding, dilation=(1, 1), seed=0):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
-    kwargs = dict(window_strides=strides, padding=padding, rhs_dilation=dilation, dimension_numbers=NHWC)
+    kwargs = {"window_strides": strides, "padding": padding, "rhs_dilation": dilation,
+              "dimension_numbers": NHWC}
     y_ref, vjp_ref = jax.vjp(functools.partial(lax.conv_general_dilated, **kwargs), x, kernel)
     ours = functools.partial(cpu_conv.conv, backend="onednn", **kwargs)
     assert "ffi_call" in str(jax.make_jaxpr(jax.grad(lambda x, k: ours(x, k).sum()))(x, kernel))
@@ -113,8 +114,10 @@ def test_whole_model_gradient_matches_xla(name):
 
     def grads(backend):
         net = models.create_model(name, num_classes=4, cpu_conv=backend)
-        loss = lambda p: net.apply({**variables, "params": p}, x)[0] @ jnp.arange(4.0)  # noqa: E731
-        return jax.jit(jax.grad(lambda p: loss(p).sum()))(variables["params"])
+        def loss(p):
+            return (net.apply({**variables, "params": p}, x)[0] @ jnp.arange(4.0)).sum()
+
+        return jax.jit(jax.grad(loss))(variables["params"])
 
     for ref, got in zip(jax.tree.leaves(grads("xla")), jax.tree.leaves(grads("onednn"))):
         assert _rel(ref, got) <= RTOL

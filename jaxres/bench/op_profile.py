@@ -174,7 +174,7 @@ def _conv_fns(backend: str, shape: ConvShape) -> dict[str, Callable[..., jax.Arr
 def forward_matmul(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: cpu_conv.Pads,
                    precision: Any = None) -> jax.Array:
     """The forward conv as im2col + one matmul (a candidate the profile times, not used by `conv`)."""
-    kh, kw, ci, co = w.shape
+    kh, kw, _, co = w.shape
     n, h, wd, _ = x.shape
     oh = (h + sum(pads[0]) - kh) // strides[0] + 1
     ow = (wd + sum(pads[1]) - kw) // strides[1] + 1

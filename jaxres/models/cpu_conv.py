@@ -139,10 +139,10 @@ def conv(
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     cropping = any(p < 0 for pair in pads for p in pair)
-    if backend == "onednn" and not cropping and lhs.dtype == rhs.dtype == jnp.float32:
-        if onednn.available():
-            dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
-            return _onednn_conv(lhs, rhs, strides, pads, dilation, precision)
+    float32 = lhs.dtype == rhs.dtype == jnp.float32
+    if backend == "onednn" and not cropping and float32 and onednn.available():
+        dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
+        return _onednn_conv(lhs, rhs, strides, pads, dilation, precision)
     if not _ones(rhs_dilation):
         return lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=rhs_dilation,
                                         dimension_numbers=_NHWC, precision=precision)

@@ -90,8 +90,8 @@ def available() -> bool:
 
 def _attrs(strides: Sequence[int], pads: Pads, dilation: Sequence[int]) -> dict[str, np.int64]:
     (pt, pb), (pl, pr) = pads
-    values = dict(stride_h=strides[0], stride_w=strides[1], pad_top=pt, pad_bottom=pb,
-                  pad_left=pl, pad_right=pr, dilation_h=dilation[0], dilation_w=dilation[1])
+    values = {"stride_h": strides[0], "stride_w": strides[1], "pad_top": pt, "pad_bottom": pb,
+              "pad_left": pl, "pad_right": pr, "dilation_h": dilation[0], "dilation_w": dilation[1]}
     return {k: np.int64(v) for k, v in values.items()}
 
 
