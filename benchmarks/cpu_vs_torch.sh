@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 ARGS="scripts/benchmark.py --batch_size 32 --dtype float32 --steps 5 --warmup 2"
 B="${PYTHON:-.venv/bin/python} $ARGS"
 T="${TORCH_PYTHON:-${PYTHON:-.venv/bin/python}} $ARGS"
-for round in 1 2 3; do
+for round in $(seq "${ROUNDS:-3}"); do  # ROUNDS=1: one round
   for args in "--what train --model resnet18 --image_size 112" \
               "--what train --framework torch --notorch_compile --model resnet18 --image_size 112" \
               "--what train --model resnet50 --image_size 224" \

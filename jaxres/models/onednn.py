@@ -40,18 +40,32 @@ _TARGETS = {
 Pads = Sequence[tuple[int, int]]
 
 
+def _kernels() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(here, "_onednn_conv*.so")))
+    return found[-1] if found else None
+
+
+def _libdnnl() -> str:
+    return os.path.join(sys.prefix, "lib", "libdnnl.so.3")
+
+
+def installed() -> bool:
+    """True when the kernels are built, libdnnl is installed and `JAXRES_ONEDNN` is not 0 (a file
+    check: loads nothing and starts no JAX backend, so it may run before the CPU device split)."""
+    return _ENABLED and _kernels() is not None and os.path.exists(_libdnnl())
+
+
 def _load() -> str:
     """Loads libdnnl and the kernels and registers the FFI targets; returns oneDNN's version."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    kernels = sorted(glob.glob(os.path.join(here, "_onednn_conv*.so")))
-    if not kernels:
+    kernels = _kernels()
+    if kernels is None:
         raise OSError("jaxres/models/_onednn_conv*.so was not built (no C++ compiler at install?)")
-    libdir = os.path.join(sys.prefix, "lib")
-    if not os.path.exists(os.path.join(libdir, "libdnnl.so.3")):
-        raise OSError(f"libdnnl.so.3 is not in {libdir} (`onednn-cpu-gomp` is not installed)")
+    if not os.path.exists(_libdnnl()):
+        raise OSError(f"{_libdnnl()} is missing (`onednn-cpu-gomp` is not installed)")
     # Global, so the kernels' undefined dnnl symbols resolve against it.
-    ctypes.CDLL(os.path.join(libdir, "libdnnl.so.3"), mode=ctypes.RTLD_GLOBAL)
-    lib = ctypes.CDLL(kernels[-1])
+    ctypes.CDLL(_libdnnl(), mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(kernels)
     for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     lib.JaxresOnednnSetThreads(ctypes.c_int(threads()))

@@ -86,6 +86,16 @@ Shapes MakeShapes(const Key& k) {
                 {k[13], k[15]}};
 }
 
+// The backward-data / backward-weights descriptor (same arguments; the forward one as the hint).
+template <typename Prim>
+typename Prim::primitive_desc BackwardPd(const Shapes& s, const memory::desc& src,
+                                         const memory::desc& weights, const memory::desc& dst,
+                                         const dnnl::convolution_forward::primitive_desc& hint,
+                                         const dnnl::primitive_attr& attr) {
+  return typename Prim::primitive_desc(Engine(), dnnl::algorithm::convolution_direct, src, weights,
+                                       dst, s.strides, s.dilates, s.pad_l, s.pad_r, hint, attr);
+}
+
 std::shared_ptr<Entry> Build(const Key& k) {
   auto& eng = Engine();
   Shapes s = MakeShapes(k);
@@ -103,16 +113,12 @@ std::shared_ptr<Entry> Build(const Key& k) {
     entry->weights_md = fwd_pd.weights_desc();
     entry->scratch_md = fwd_pd.scratchpad_desc();
   } else if (k[0] == kBackwardData) {
-    dnnl::convolution_backward_data::primitive_desc pd(
-        eng, dnnl::algorithm::convolution_direct, src_md, any_w_md, dst_md, s.strides, s.dilates,
-        s.pad_l, s.pad_r, fwd_pd, attr);
+    auto pd = BackwardPd<dnnl::convolution_backward_data>(s, src_md, any_w_md, dst_md, fwd_pd, attr);
     entry->conv = dnnl::convolution_backward_data(pd);
     entry->weights_md = pd.weights_desc();
     entry->scratch_md = pd.scratchpad_desc();
   } else {
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        eng, dnnl::algorithm::convolution_direct, src_md, any_w_md, dst_md, s.strides, s.dilates,
-        s.pad_l, s.pad_r, fwd_pd, attr);
+    auto pd = BackwardPd<dnnl::convolution_backward_weights>(s, src_md, any_w_md, dst_md, fwd_pd, attr);
     entry->conv = dnnl::convolution_backward_weights(pd);
     entry->weights_md = pd.diff_weights_desc();
     entry->scratch_md = pd.scratchpad_desc();
