@@ -24,6 +24,9 @@ def _env(devices: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
+    # oneDNN's weight-gradient sums depend on its thread count (cores / devices by default):
+    # pinned, so that runs on different device / process layouts differ only in the all-reduce.
+    env["JAXRES_ONEDNN_THREADS"] = "1"
     return env
 
 
