@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Stochastic depth: residual branches dropped per example, rate rising linearly over the
     # blocks to this value (timm `drop_path_rate`); training only.
     c.model.drop_path_rate = 0.0
+    # How convolutions run on CPU (jaxres/models/cpu_conv.py): "onednn" (oneDNN's kernels, float32;
+    # "matmul" where not built or JAXRES_ONEDNN=0), "matmul" or "xla". Same result; GPUs ignore it.
+    c.model.cpu_conv = "onednn"
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "imagenet2012"  # tfds name, "imagefolder" or "digits" (embedded).

@@ -32,7 +32,11 @@ def use_one_cpu_device_per_core(max_devices: int = MAX_CPU_DEVICES) -> int | Non
     One XLA:CPU program keeps only about 1.5 of 2 cores busy; the same program
     data-parallel over one device per core keeps both busy (measured on 2 cores:
     ResNet-50 features 23 -> 31-33 img/s, ResNetV2-50 training 3.3-3.8 -> 4.2-4.5 img/s).
-    It only changes the CPU backend, so GPU hosts are unaffected. Leaves an
+    With jaxres's oneDNN convolutions installed (`models.onednn.installed()`) it sets one
+    device instead: oneDNN's kernels use every core within each conv, and one device was
+    measured faster than the split (ResNet-18 @112 train step, interleaved, 2 cores: 13.8 vs
+    4.3 img/s, benchmarks/README.md). It only changes the CPU backend, so GPU hosts are
+    unaffected. Leaves an
     explicit choice alone (`JAX_NUM_CPU_DEVICES`, or XLA_FLAGS
     `--xla_force_host_platform_device_count`) and does nothing once a backend
     has started. Must run before the first JAX computation.
@@ -44,7 +48,9 @@ def use_one_cpu_device_per_core(max_devices: int = MAX_CPU_DEVICES) -> int | Non
         "XLA_FLAGS", ""
     ):
         return None
-    count = max(1, min(len(os.sched_getaffinity(0)), max_devices))
+    from jaxres.models import onednn  # A file check; the models package is not needed before.
+
+    count = 1 if onednn.installed() else max(1, min(len(os.sched_getaffinity(0)), max_devices))
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # A backend is already running: too late, keep what it has.

@@ -135,13 +135,15 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The `ResNet` fields the config sets beyond the registered model: `model.overrides`, the
-    head keys (`model.head_layer`, `model.head_hidden`) and `model.drop_path_rate` (training
-    only: it changes no weight, so checkpoints and exports do not depend on it)."""
+    head keys (`model.head_layer`, `model.head_hidden`), `model.drop_path_rate` (training
+    only: it changes no weight, so checkpoints and exports do not depend on it) and
+    `model.cpu_conv` (how CPU convolutions run; no weight either)."""
     return dict(
         config.model.overrides.to_dict(),
         head_layer=config.model.head_layer,
         head_hidden=config.model.head_hidden,
         drop_path_rate=config.model.drop_path_rate,
+        cpu_conv=config.model.cpu_conv,
     )
 
 

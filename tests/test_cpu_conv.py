@@ -1,4 +1,5 @@
-"""`cpu_conv.conv` equals `lax.conv_general_dilated`: forward, input gradient and weight gradient."""
+"""`cpu_conv.conv` with the matmul backend equals `lax.conv_general_dilated`: forward, input
+gradient and weight gradient (the oneDNN backend: tests/test_onednn_conv.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 from jax import lax
 
 from jaxres import parallel
+from jaxres.bench import op_profile
 from jaxres.models import cpu_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+MATMUL = functools.partial(cpu_conv.conv, backend="matmul")
 RTOL = 1e-5
 
 
@@ -54,7 +57,7 @@ def test_forward_and_both_gradients_match_xla(case):
     kernel = jnp.asarray(rng.standard_normal((k, k, ci, co)), jnp.float32)
     reference = functools.partial(lax.conv_general_dilated, window_strides=(s, s), padding=padding,
                                   dimension_numbers=NHWC)
-    custom = functools.partial(cpu_conv.conv, window_strides=(s, s), padding=padding, dimension_numbers=NHWC)
+    custom = functools.partial(MATMUL, window_strides=(s, s), padding=padding, dimension_numbers=NHWC)
     y_ref, vjp_ref = jax.vjp(lambda x, k: reference(x, k), x, kernel)
     y, vjp = jax.vjp(jax.jit(lambda x, k: custom(x, k)), x, kernel)
     g = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
@@ -81,7 +84,7 @@ def test_matmul_gradients_on_every_path(case, im2col):
     dx = jax.jit(lambda g, k: cpu_conv.input_grad_matmul(g, k, x.shape, (s, s), pads))(g, kernel)
     assert _rel(dw_ref, dw) <= RTOL
     assert _rel(dx_ref, dx) <= RTOL
-    assert _rel(y, jax.jit(lambda x, k: cpu_conv.forward_matmul(x, k, (s, s), pads))(x, kernel)) <= RTOL
+    assert _rel(y, jax.jit(lambda x, k: op_profile.forward_matmul(x, k, (s, s), pads))(x, kernel)) <= RTOL
 
 
 def test_grad_of_a_loss_under_jit_matches():
@@ -97,17 +100,17 @@ def test_grad_of_a_loss_under_jit_matches():
         return jnp.sum(y**2)
 
     ref = jax.jit(jax.grad(functools.partial(loss, lax.conv_general_dilated), argnums=(0, 1)))(params, x)
-    got = jax.jit(jax.grad(functools.partial(loss, cpu_conv.conv), argnums=(0, 1)))(params, x)
+    got = jax.jit(jax.grad(functools.partial(loss, MATMUL), argnums=(0, 1)))(params, x)
     for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
         assert _rel(a, b) <= RTOL
 
 
 def test_flax_conv_with_it_matches_plain_flax_conv():
-    """The wiring the module doc names: `nn.Conv(..., conv_general_dilated=cpu_conv.conv)`."""
+    """The wiring the module doc names: `nn.Conv(..., conv_general_dilated=partial(cpu_conv.conv, backend=...))`."""
     x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 9, 9, 4)), jnp.float32)
     plain = nn.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)
     custom = nn.Conv(6, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False,
-                     conv_general_dilated=cpu_conv.conv)
+                     conv_general_dilated=MATMUL)
     variables = plain.init(jax.random.key(0), x)
 
     def loss(module, v, x):
@@ -138,29 +141,29 @@ def test_jaxpr_uses_matmuls_for_the_backward_on_cpu():
     k = jnp.ones((3, 3, 4, 4), jnp.float32)
 
     def loss(k):
-        return jnp.sum(cpu_conv.conv(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC))
+        return jnp.sum(MATMUL(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC))
 
     hlo = jax.jit(jax.grad(loss)).lower(k).as_text()
     assert "dot_general" in hlo
 
 
-def test_the_model_uses_it_and_xla_backward_turns_it_off():
+def test_the_model_uses_it_and_cpu_conv_xla_turns_it_off():
     """Every ResNet conv goes through cpu_conv (its CPU-or-not switch is in the traced gradient);
-    functions traced inside `xla_backward()` have none, and the gradients agree."""
+    the model's `cpu_conv="xla"` has none, and the gradients agree."""
     from jaxres import models
 
-    model = models.create_model("resnet18", num_classes=4)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
-    variables = parallel.run_once(model.init, jax.random.key(0), x)  # Eager init: op by op, seconds.
 
-    def grad_fn():  # A new function each time: jax caches traces per function.
+    def grad_fn(backend):
+        model = models.create_model("resnet18", num_classes=4, cpu_conv=backend)
         return jax.grad(lambda params: model.apply({**variables, "params": params}, x)[0].sum())
 
-    assert "platform_index" in str(jax.make_jaxpr(grad_fn())(variables["params"]))
-    with cpu_conv.xla_backward():
-        assert "platform_index" not in str(jax.make_jaxpr(grad_fn())(variables["params"]))
-        reference = jax.jit(grad_fn())(variables["params"])
-    ours = jax.jit(grad_fn())(variables["params"])
+    model = models.create_model("resnet18", num_classes=4)
+    variables = parallel.run_once(model.init, jax.random.key(0), x)  # Eager init: op by op, seconds.
+    assert "platform_index" in str(jax.make_jaxpr(grad_fn("matmul"))(variables["params"]))
+    assert "platform_index" not in str(jax.make_jaxpr(grad_fn("xla"))(variables["params"]))
+    reference = jax.jit(grad_fn("xla"))(variables["params"])
+    ours = jax.jit(grad_fn("matmul"))(variables["params"])
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(ours)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
@@ -170,7 +173,7 @@ def test_the_flop_threshold_routes_small_kxk_convs_to_xla():
 
     def custom(x_shape, k_shape, stride):
         def conv(x, k):
-            return cpu_conv.conv(x, k, (stride, stride), "SAME", dimension_numbers=NHWC)
+            return MATMUL(x, k, (stride, stride), "SAME", dimension_numbers=NHWC)
 
         x, k = jax.ShapeDtypeStruct(x_shape, jnp.float32), jax.ShapeDtypeStruct(k_shape, jnp.float32)
         return "custom_vjp_call" in str(jax.make_jaxpr(conv)(x, k))

@@ -25,11 +25,10 @@ depend on: CPU model, AVX-512, cores, measured sgemm GFLOP/s, load average.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import os
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -47,11 +46,11 @@ from jaxres.models import cpu_conv
 _NHWC = ("NHWC", "HWIO", "NHWC")
 KINDS = ("forward", "input_grad", "weight_grad")
 # JAX implementations timed per conv, "<backend> <devices>": backend "xla" is
-# `lax.conv_general_dilated`, "matmul" is `cpu_conv.conv` (its matmul backward), "matmul-fwd"
-# also times `cpu_conv.forward_matmul` as the forward. "2dev" shards the batch over one CPU
-# device per core, as the trainer's step does; "1dev" is one device (one XLA program on the
-# shared intra-op thread pool).
-JAX_IMPLS = ("xla 1dev", "xla 2dev", "matmul 2dev")
+# `lax.conv_general_dilated`, "matmul" / "onednn" are `cpu_conv.conv` with that backend (the
+# matmul backward / oneDNN's kernels), "matmul-fwd" also times `forward_matmul` as the forward.
+# "2dev" shards the batch over one CPU device per core, as the trainer's step does; "1dev" is one
+# device (one XLA program on the shared intra-op thread pool).
+JAX_IMPLS = ("xla 1dev", "xla 2dev", "matmul 2dev", "onednn 1dev", "onednn 2dev")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,17 +145,14 @@ def _mesh_shardings(n_dev: int) -> tuple[Any, Any]:
 def _conv_fns(backend: str, shape: ConvShape) -> dict[str, Callable[..., jax.Array]]:
     """forward(x, w), input_grad(x, w, g), weight_grad(x, w, g) of one conv, with `backend`."""
     strides, pads = shape.stride, shape.pads
-    if backend == "xla":
-        def conv(x, w):
-            return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
-    else:
-        def conv(x, w):
-            return cpu_conv.conv(x, w, strides, pads, dimension_numbers=_NHWC)
+    def conv(x, w):
+        return cpu_conv.conv(x, w, strides, pads, dimension_numbers=_NHWC,
+                             backend="matmul" if backend == "matmul_fwd" else backend)
 
     def forward(x, w, g):
         del g
         if backend == "matmul_fwd":
-            return cpu_conv.forward_matmul(x, w, strides, pads)
+            return forward_matmul(x, w, strides, pads)
         return conv(x, w)
 
     def input_grad(x, w, g):
@@ -168,9 +164,21 @@ def _conv_fns(backend: str, shape: ConvShape) -> dict[str, Callable[..., jax.Arr
     return {"forward": forward, "input_grad": input_grad, "weight_grad": weight_grad}
 
 
+def forward_matmul(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: cpu_conv.Pads,
+                   precision: Any = None) -> jax.Array:
+    """The forward conv as im2col + one matmul (a candidate the profile times, not used by `conv`)."""
+    kh, kw, _, co = w.shape
+    n, h, wd, _ = x.shape
+    oh = (h + sum(pads[0]) - kh) // strides[0] + 1
+    ow = (wd + sum(pads[1]) - kw) // strides[1] + 1
+    patches = cpu_conv.patch_matrix(x, (kh, kw), strides, pads, (oh, ow))
+    y = lax.dot_general(patches, w.reshape(-1, co), (((1,), (0,)), ((), ())), precision=precision)
+    return y.reshape(n, oh, ow, co).astype(x.dtype)
+
+
 def _jax_conv_runner(impl: str, shape: ConvShape, kind: str, data: dict[str, np.ndarray]) -> Callable[[], Any]:
     backend, devices = impl.split()
-    backend = {"xla": "xla", "matmul": "matmul", "matmul-fwd": "matmul_fwd"}[backend]
+    backend = {"xla": "xla", "matmul": "matmul", "onednn": "onednn", "matmul-fwd": "matmul_fwd"}[backend]
     batch_sharding, replicated = _mesh_shardings(int(devices[0]))
     x = jax.device_put(data["x"], batch_sharding)
     g = jax.device_put(data["g"], batch_sharding)
@@ -423,7 +431,7 @@ def _row(name: str, flops: float, ms: dict[str, float], impls: list[str], jax_im
 
 
 # ---------------------------------------------------------------------------------------------
-# Whole train step, standard conv vs cpu_conv.conv, interleaved
+# Whole train step, one per `model.cpu_conv` backend, interleaved
 
 
 def _step_runner(compiled: Any, state: Any, batch: Any) -> Callable[[], Any]:
@@ -438,12 +446,11 @@ def _step_runner(compiled: Any, state: Any, batch: Any) -> Callable[[], Any]:
 
 
 def train_step_ab(model_name: str, image_size: int, batch_size: int, steps: int = 7, warmup: int = 2,
-                  variants: dict[str, Callable[[], Any]] | None = None) -> list[dict[str, Any]]:
-    """results.jsonl rows of the real jaxres train step, one per conv variant, timed interleaved.
+                  variants: Sequence[str] = cpu_conv.BACKENDS) -> list[dict[str, Any]]:
+    """results.jsonl rows of the real jaxres train step, one per conv backend, timed interleaved.
 
     Args:
-      variants: name -> a context manager factory the step is traced in; default
-        {"xla": cpu_conv.xla_backward (XLA's own backward), "cpu_conv": the model as it is}.
+      variants: values of `model.cpu_conv` to compare (`cpu_conv.BACKENDS` by default).
 
     Returns:
       One `steps.result_row` per variant (key "conv" names it, "interleaved_with" the others),
@@ -451,17 +458,14 @@ def train_step_ab(model_name: str, image_size: int, batch_size: int, steps: int 
     """
     from jaxres.bench import steps as bench_steps
 
-    variants = variants or {"xla": cpu_conv.xla_backward, "cpu_conv": contextlib.nullcontext}
-    config = bench_steps.bench_config(model_name, batch_size, "float32", image_size, 1000)
     runners, compile_s = {}, {}
-    for name, context in variants.items():
-        with context():
-            mesh, state, step_fn, _ = bench_steps.train_setup(config)
-            batch = parallel.to_global(bench_steps.synthetic_batch(batch_size, image_size, 1000, (1,)), mesh,
-                                       batch_axis=1)
-            compile_s[name], compiled = common.timed(
-                lambda f=step_fn, s=state, b=batch: f.lower(s, b).compile()
-            )
+    for name in variants:
+        config = bench_steps.bench_config(model_name, batch_size, "float32", image_size, 1000)
+        config.model.cpu_conv = name
+        mesh, state, step_fn, _ = bench_steps.train_setup(config)
+        batch = parallel.to_global(bench_steps.synthetic_batch(batch_size, image_size, 1000, (1,)), mesh,
+                                   batch_axis=1)
+        compile_s[name], compiled = common.timed(lambda f=step_fn, s=state, b=batch: f.lower(s, b).compile())
 
         runners[name] = _step_runner(compiled, state, batch)
     times = common.interleaved_times(runners, steps, warmup)

@@ -86,7 +86,7 @@ def twin(library: str, model_name: str, overrides: dict[str, Any] | None = None)
 
 def _function_fields(module: models.ResNet) -> dict[str, Any]:
     """The `ResNet` fields that decide which weights exist and what they compute."""
-    skip = TRAINING_ONLY + ("num_classes", "dtype")
+    skip = TRAINING_ONLY + ("num_classes", "dtype", "cpu_conv")
     return {f: getattr(module, f) for f in config_fields() if f not in skip}
 
 
@@ -174,7 +174,10 @@ def serving_function(
       dtype: compute dtype ("float32" or "bfloat16"); the logits are float32 either way.
     """
     c = loaded.config
-    model = models.create_model(c.model.name, c.dataset.num_classes, dtype, **runs.model_overrides(c))
+    # Plain XLA convolutions: the artifact must not call jaxres's oneDNN kernels (FFI targets
+    # registered only in a process that imported jaxres).
+    overrides = {**runs.model_overrides(c), "cpu_conv": "xla"}
+    model = models.create_model(c.model.name, c.dataset.num_classes, dtype, **overrides)
     mean, std = tuple(c.dataset.mean), tuple(c.dataset.std)
 
     def serve(variables: dict[str, Any], images: jax.Array) -> jax.Array:

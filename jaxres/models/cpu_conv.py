@@ -1,6 +1,19 @@
-"""A drop-in `lax.conv_general_dilated` whose backward pass on CPU is written as large matmuls.
+"""A drop-in `lax.conv_general_dilated` that runs CPU convolutions through oneDNN or matmuls.
 
-Why: XLA:CPU runs a forward NHWC convolution through a reasonably fast Eigen kernel, but the
+`backend` (the model's `cpu_conv` field, config key `model.cpu_conv`) chooses, for plain
+2-D NHWC / HWIO convolutions on CPU:
+
+* "onednn" (the default): forward, input gradient and weight gradient are oneDNN's direct
+  convolutions (`jaxres.models.onednn`, FFI calls into the kernels `pip install` builds), for
+  float32 convs with any stride, padding and kernel dilation. Where the kernels are not
+  available (not built, or `JAXRES_ONEDNN=0`), and for other dtypes, "matmul" below.
+* "matmul": XLA's forward, and the backward written as large matmuls (below).
+* "xla": `lax.conv_general_dilated` itself, XLA's convolutions (the benchmarks' baseline).
+
+Every other platform (GPU, TPU) runs the standard lowering whatever the backend (cuDNN on
+GPU): `jax.lax.platform_dependent` picks the branch when the program is lowered.
+
+The matmul backward. Why: XLA:CPU runs a forward NHWC convolution through a reasonably fast Eigen kernel, but the
 two convolutions of the backward pass are different shapes of convolution (the input
 gradient of a strided conv has lhs dilation, the weight gradient contracts over batch and
 space and has rhs dilation when strided), and XLA:CPU runs several of them far below the
@@ -17,26 +30,26 @@ as matmuls, they go to XLA:CPU's dot kernels instead:
   small maps (see `COL2IM_MAX_PIXELS`); on large ones XLA's own backward conv is kept.
 
 KxK convs of fewer than `MATMUL_MIN_FLOPS` keep XLA's whole backward (small convs, where the
-matmuls do not pay). The forward pass stays XLA's convolution. On any other platform (GPU,
-TPU) the backward is the standard one (`jax.vjp` of `lax.conv_general_dilated`, i.e. cuDNN
-on GPU), selected by `jax.lax.platform_dependent` when the program is lowered, so the same
-model code runs on both. Only plain NHWC/HWIO 2-D convolutions without dilation or groups
-take the custom path; anything else is forwarded to `lax.conv_general_dilated` untouched.
+matmuls do not pay). The forward pass stays XLA's convolution. Only plain NHWC/HWIO 2-D
+convolutions without groups (and, for "matmul", without dilation) take a custom path;
+anything else is forwarded to `lax.conv_general_dilated` untouched.
 
-Wired into every conv of `jaxres.models.resnet.ResNet` (`nn.Conv(..., conv_general_dilated=conv)`);
-parameters and checkpoints do not change.
+Wired into every conv of `jaxres.models.resnet.ResNet` (`nn.Conv(..., conv_general_dilated=
+functools.partial(conv, backend=...))`); parameters and checkpoints do not change.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxres.errors import ConfigError, unknown_name
+from jaxres.models import onednn
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -62,22 +75,8 @@ COL2IM_MAX_PIXELS = 64
 # A whole demo step: 348 ms with XLA's backward, 372 ms with the matmuls on every conv.
 # 1x1 convs always take the matmuls (one dot each; 1.3-2.8x faster at every size measured).
 MATMUL_MIN_FLOPS = 1e9
-
-
-# Off inside `xla_backward()` (benchmarks' baseline); read when a conv is traced.
-_MATMUL_BACKWARD = [True]
-
-
-@contextlib.contextmanager
-def xla_backward() -> Iterator[None]:
-    """Within the block, convs traced through `conv` are plain `lax.conv_general_dilated`
-    (XLA's own backward on CPU too): the baseline of the benchmarks' side-by-side. Only
-    functions traced inside the block see it (jax caches a function's trace)."""
-    _MATMUL_BACKWARD[0] = False
-    try:
-        yield
-    finally:
-        _MATMUL_BACKWARD[0] = True
+# Values of `conv`'s `backend` (config key `model.cpu_conv`), see the module docstring.
+BACKENDS = ("onednn", "matmul", "xla")
 
 
 def _is_nhwc(dimension_numbers: Any) -> bool:
@@ -105,18 +104,24 @@ def conv(
     batch_group_count: int = 1,
     precision: Any = None,
     preferred_element_type: Any = None,
+    *,
+    backend: str = "onednn",
 ) -> jax.Array:
-    """`lax.conv_general_dilated` with a matmul backward pass on CPU (same signature and result).
+    """`lax.conv_general_dilated` run on CPU by `backend` (same signature and result).
 
-    Plain 2-D NHWC / HWIO convolutions (any stride and padding, no dilation, no groups)
-    take the custom VJP; every other call is `lax.conv_general_dilated` itself.
+    Plain 2-D NHWC / HWIO convolutions (any stride and padding, no input dilation, no groups)
+    take `backend`'s path on CPU; every other call is `lax.conv_general_dilated` itself.
+
+    Raises:
+      ConfigError: `backend` is not one of `BACKENDS`.
     """
+    if backend not in BACKENDS:
+        raise ConfigError(unknown_name("model.cpu_conv", backend, list(BACKENDS)))
     plain = (
-        _MATMUL_BACKWARD[0]
+        backend != "xla"
         and lhs.ndim == 4
         and _is_nhwc(dimension_numbers)
         and _ones(lhs_dilation)
-        and _ones(rhs_dilation)
         and feature_group_count == 1
         and batch_group_count == 1
         and preferred_element_type is None
@@ -128,11 +133,20 @@ def conv(
         )
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
-        pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+        dilated = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], rhs_dilation or (1, 1))]
+        pads = lax.padtype_to_pads(lhs.shape[1:3], dilated, strides, padding)
     else:
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    if any(p < 0 for pair in pads for p in pair) or _small_kxk(lhs.shape, rhs.shape, strides, pads):
+    cropping = any(p < 0 for pair in pads for p in pair)
+    float32 = lhs.dtype == rhs.dtype == jnp.float32
+    if backend == "onednn" and not cropping and float32 and onednn.available():
+        dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
+        return _onednn_conv(lhs, rhs, strides, pads, dilation, precision)
+    if not _ones(rhs_dilation):
+        return lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=rhs_dilation,
+                                        dimension_numbers=_NHWC, precision=precision)
+    if cropping or _small_kxk(lhs.shape, rhs.shape, strides, pads):
         # Cropping convs (rare) and small KxK convs: XLA's backward (see MATMUL_MIN_FLOPS).
         return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=_NHWC, precision=precision)
     return _conv(lhs, rhs, strides, pads, precision)
@@ -187,6 +201,51 @@ def _conv_bwd(strides, pads, precision, residuals, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _xla_dilated(x, w, strides, pads, dilation, precision):
+    return lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation,
+                                    dimension_numbers=_NHWC, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _onednn_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads,
+                 dilation: tuple[int, int], precision: Any) -> jax.Array:
+    return lax.platform_dependent(
+        x, w,
+        cpu=lambda x, w: onednn.forward(x, w, strides, pads, dilation),
+        default=lambda x, w: _xla_dilated(x, w, strides, pads, dilation, precision),
+    )
+
+
+def _onednn_fwd(x, w, strides, pads, dilation, precision):
+    return _onednn_conv(x, w, strides, pads, dilation, precision), (x, w)
+
+
+def _onednn_bwd(strides, pads, dilation, precision, residuals, g):
+    x, w = residuals
+
+    def standard(g, x, w):
+        _, vjp = jax.vjp(lambda x, w: _xla_dilated(x, w, strides, pads, dilation, precision), x, w)
+        return vjp(g)
+
+    def cpu(g, x, w):
+        return (onednn.input_grad(g, w, x.shape, strides, pads, dilation),
+                onednn.weight_grad(x, g, w.shape, strides, pads, dilation))
+
+    return lax.platform_dependent(g, x, w, cpu=cpu, default=standard)
+
+
+_onednn_conv.defvjp(_onednn_fwd, _onednn_bwd)
+
+
+def patch_matrix(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int], pads: Pads,
+                 out_hw: tuple[int, int]) -> jax.Array:
+    """The (N*OH*OW, KH*KW*Ci) patch matrix of an NHWC conv (taps in HWI order)."""
+    xp = _pad_input(x, pads)
+    kh, kw = kernel_hw
+    taps = [_tap(xp, i, j, out_hw, strides) for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * x.shape[-1])
+
+
 def _tap(xp: jax.Array, i: int, j: int, out_hw: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
     """The (N, OH, OW, C) window of padded input `xp` that kernel tap (i, j) multiplies."""
     (oh, ow), (sh, sw) = out_hw, strides
@@ -213,16 +272,15 @@ def weight_grad_matmul(x: jax.Array, g: jax.Array, w_shape: Sequence[int], strid
     if (kh, kw) == (1, 1) and pads == ((0, 0), (0, 0)):
         xs = x[:, :: strides[0], :: strides[1], :][:, :oh, :ow, :]
         return (xs.reshape(-1, ci).T @ g2).reshape(1, 1, ci, co).astype(x.dtype)
-    xp = _pad_input(x, pads)
     if im2col is None:
         im2col = n * oh * ow * kh * kw * ci <= IM2COL_MAX_ELEMENTS or ci < IM2COL_MIN_TAP_CHANNELS
     if im2col:
         # All taps side by side, (M, KH*KW*Ci): one matmul whose output is large enough for
         # the dot kernel to split over the threads.
-        patches = jnp.concatenate([_tap(xp, i, j, (oh, ow), strides) for i in range(kh) for j in range(kw)],
-                                  axis=-1)
-        dw = lax.dot_general(patches.reshape(-1, kh * kw * ci), g2, (((0,), (0,)), ((), ())), precision=precision)
+        patches = patch_matrix(x, (kh, kw), strides, pads, (oh, ow))
+        dw = lax.dot_general(patches, g2, (((0,), (0,)), ((), ())), precision=precision)
         return dw.reshape(kh, kw, ci, co).astype(x.dtype)
+    xp = _pad_input(x, pads)
     taps = [
         lax.dot_general(_tap(xp, i, j, (oh, ow), strides).reshape(-1, ci), g2, (((0,), (0,)), ((), ())),
                         precision=precision)
@@ -259,17 +317,3 @@ def input_grad_matmul(g: jax.Array, w: jax.Array, x_shape: Sequence[int], stride
             ))
             dxp = part if dxp is None else dxp + part
     return dxp[:, pt : pt + h, pl : pl + wd, :]
-
-
-def forward_matmul(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads,
-                   precision: Any = None) -> jax.Array:
-    """The forward conv as im2col + one matmul (a candidate measured in the op profile, not used by `conv`)."""
-    kh, kw, ci, co = w.shape
-    n, h, wd, _ = x.shape
-    oh = (h + sum(pads[0]) - kh) // strides[0] + 1
-    ow = (wd + sum(pads[1]) - kw) // strides[1] + 1
-    xp = _pad_input(x, pads)
-    patches = jnp.concatenate([_tap(xp, i, j, (oh, ow), strides) for i in range(kh) for j in range(kw)], axis=-1)
-    y = lax.dot_general(patches.reshape(-1, kh * kw * ci), w.reshape(-1, co), (((1,), (0,)), ((), ())),
-                        precision=precision)
-    return y.reshape(n, oh, ow, co).astype(x.dtype)

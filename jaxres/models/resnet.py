@@ -315,6 +315,9 @@ class ResNet(nn.Module):
         parameter, and a train-mode apply with a rate > 0 needs `rngs={"dropout": key}`.
       act: activation function.
       dtype: compute dtype; parameters are float32 regardless.
+      cpu_conv: how convolutions run on CPU, one of `cpu_conv.BACKENDS` ("onednn": oneDNN's
+        kernels for float32, "matmul": XLA's forward + a matmul backward, "xla"); the result
+        is the same (to float rounding) and other platforms ignore it.
     """
 
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -342,6 +345,7 @@ class ResNet(nn.Module):
     drop_path_rate: float = 0.0
     act: Callable[[jax.Array], jax.Array] = nn.relu
     dtype: Dtype = jnp.float32
+    cpu_conv: str = "onednn"
 
     def __post_init__(self) -> None:
         for field, value, valid in (
@@ -350,6 +354,7 @@ class ResNet(nn.Module):
             ("stem_type", self.stem_type, STEM_TYPES),
             ("conv_bias", self.conv_bias, CONV_BIAS),
             ("stride_block", self.stride_block, STRIDE_BLOCKS),
+            ("cpu_conv", self.cpu_conv, cpu_conv.BACKENDS),
         ):
             if value not in valid:
                 raise ConfigError(unknown_name(f"ResNet {field}", value, valid))
@@ -393,9 +398,9 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=conv_kernel_init,
-            # XLA's conv forward; on CPU only, a backward pass of large matmuls (2x faster
-            # train step on ResNet-50; GPUs keep cuDNN's), see cpu_conv.py.
-            conv_general_dilated=cpu_conv.conv,
+            # On CPU only, oneDNN's convolutions or XLA's forward + a matmul backward (GPUs
+            # keep cuDNN's), see cpu_conv.py.
+            conv_general_dilated=functools.partial(cpu_conv.conv, backend=self.cpu_conv),
         )
         if self.norm == "batch":
             norm = functools.partial(
