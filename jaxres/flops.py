@@ -85,9 +85,11 @@ def _walk(jaxpr: Any, times: int, counts: dict[str, int], scope: str = "") -> No
         if flops:
             counts[key] = counts.get(key, 0) + flops * times
         subs = jex_core.jaxprs_in_params(eqn.params)
-        if name == "cond":  # One branch runs: count the dearest.
-            branches = [_walk_total(sub) for sub in subs]
-            counts["cond"] = counts.get("cond", 0) + max(branches, default=0) * times
+        if name == "cond":  # One branch runs: count the dearest, under this equation's scope
+            # (a conv's CPU kernel and its XLA twin are branches of `lax.platform_dependent`).
+            if subs:
+                dearest = max(subs, key=_walk_total)
+                _walk(dearest, times, counts, key)
             continue
         for sub in subs:  # while loops: one trip (their count is not static).
             _walk(sub, times * (eqn.params["length"] if name == "scan" else 1), counts, key)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxres import models, train
+from jaxres import models, parallel
 from jaxres.bench import op_profile
 from jaxres.errors import ConfigError
 from jaxres.models import cpu_conv, onednn
@@ -110,7 +110,7 @@ def test_whole_model_gradient_matches_xla(name):
     1e-7 change of the input moves XLA's own gradient by ~5e-3 relative, so only this is a test."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     model = models.create_model(name, num_classes=4)
-    variables = train.run_once(model.init, jax.random.key(0), x)
+    variables = parallel.run_once(model.init, jax.random.key(0), x)
 
     def grads(backend):
         net = models.create_model(name, num_classes=4, cpu_conv=backend)
