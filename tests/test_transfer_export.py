@@ -146,8 +146,14 @@ def test_folder_flow_errors(toy, tmp_path):
     run, data = toy
     small = tmp_path / "small"
     write_folder(str(small), "all", {"ant": 5, "bee": 1})
-    with pytest.raises(DataError, match=r"Class 'bee' .* has 1 image\(s\); a 20% validation split needs at least 3"):
+    with pytest.raises(DataError, match=r"Class 'bee' .* has 1 image\(s\); a 20% validation split needs at least 3.* add images to it"):
         folder.transfer_folder(str(small / "all"), run, str(tmp_path / "o"))
+    write_folder(str(small), "two", {"ant": 5, "bee": 2})
+    with pytest.raises(DataError, match=r"Class 'bee' .* has 2 image\(s\).*--val_fraction=0.5"):
+        folder.transfer_folder(str(small / "two"), run, str(tmp_path / "o"))
+    # The fix the message names works.
+    assert folder.transfer_folder(str(small / "two"), run, str(tmp_path / "half"), val_fraction=0.5)["per_class"]
+
     with pytest.raises(CheckpointError, match="--from .* is not a usable run: No config.json"):
         folder.transfer_folder(os.path.join(data, "train"), str(tmp_path), str(tmp_path / "o"))
     # One batch policy with every entry point: refused with the fix named, never rounded up.
@@ -160,3 +166,16 @@ def test_folder_flow_errors(toy, tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("jaxres error: --from")]
+
+
+def test_folder_flow_keeps_an_empty_class_folder(toy, tmp_path, caplog):
+    """An empty class sub-folder is warned about by name and kept (its label, a row with no
+    images), as the README says; the rest is split and probed as usual."""
+    run, _ = toy
+    root = tmp_path / "with_empty"
+    write_folder(str(root), "all", {"ant": 5, "bee": 5, "cat": 5})
+    os.makedirs(root / "all" / "dodo")
+    results = folder.transfer_folder(str(root / "all"), run, str(tmp_path / "o"))
+    rows = {r["class"]: r["count"] for r in results["per_class"]}
+    assert rows == {"ant": 1, "bee": 1, "cat": 1, "dodo": 0}
+    assert "dodo has no images" in caplog.text

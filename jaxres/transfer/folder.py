@@ -66,17 +66,25 @@ def split_dataset(images: str, output: str, val_fraction: float, seed: int) -> m
 
 
 def check_split_counts(labels: np.ndarray, class_names: list[str], val_fraction: float, where: str) -> None:
-    """DataError naming the first class that cannot give both a train and a validation image."""
+    """DataError naming the first class that cannot give both a train and a validation image.
+
+    An empty class folder is kept (its label stays, so class ids match the folder's; the
+    source warns about it by name): it has nothing to split.
+    """
     counts = np.bincount(labels, minlength=len(class_names))
     val = np.round(counts * val_fraction)
-    short = np.flatnonzero((val < 1) | (counts - val < 1))
+    short = np.flatnonzero((counts > 0) & ((val < 1) | (counts - val < 1)))
     if len(short):
         c = short[0]
         need = next(n for n in range(2, 10_000) if 1 <= round(n * val_fraction) <= n - 1)
         more = f" ({len(short) - 1} more classes are short)" if len(short) > 1 else ""
+        if counts[c] == 1:  # No fraction splits one image.
+            fix = f"add images to it (at least {need} for a {val_fraction:.0%} split), or move the folder out"
+        else:
+            fix = f"add images, or use --val_fraction=0.5 (it splits {counts[c]} images)"
         raise DataError(
             f"Class {class_names[c]!r} in {where} has {counts[c]} image(s); a {val_fraction:.0%} validation "
-            f"split needs at least {need} per class{more}. Add images, or change --val_fraction."
+            f"split needs at least {need} per class{more}. Fix: {fix}."
         )
 
 
