@@ -3,7 +3,7 @@
     python scripts/train.py --config configs/finetune.py --workdir runs/demo_ft --config.init_from=runs/demo
     python scripts/train.py --config configs/finetune.py:probe --workdir runs/demo_lpft
 
-Starts from `init_from`'s params and batch stats (jaxres.train: a head of
+Starts from `init_from`'s params and batch stats (jaxres.state: a head of
 another shape, or any head with `init_fresh_head`, is re-initialised). For the
 first `optimizer.head_only_steps` steps only the head trains (the body's
 updates are zero and its optimizer state untouched); then every layer trains,
