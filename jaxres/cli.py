@@ -86,7 +86,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def moved_config_keys(argv: list[str]) -> list[str]:
     """`argv` with each `--config.OLD` key that moved (`config_base.MOVED_KEYS`) spelled at its
-    new place, saying so once per key: command lines written before the move still run."""
+    new place, saying so on stderr: command lines written before the move still run."""
     out = []
     for arg in argv:
         flag, sep, value = arg.partition("=")

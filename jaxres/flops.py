@@ -53,9 +53,9 @@ PEAK_TFLOPS = (
 # product takes SGEMM_MIN_SECONDS (enough for BLAS to reach its rate: on 2 AVX2 cores one
 # 1024 product takes 11 ms at 188-191 GFLOP/s, as fast as 2048's 191) or n reaches the last size.
 SGEMM_SIZES = (1024, 2048, 4096)
+SGEMM_MIN_SECONDS = 0.01
 # The best rate per kind of host (`record_host_rate`): a reference that load cannot lower.
 SGEMM_RECORD = os.path.join(os.path.expanduser(CACHE_DIR), "sgemm.json")
-SGEMM_MIN_SECONDS = 0.01
 
 
 def count_flops(fn: Callable, *args: Any) -> dict[str, int]:
@@ -221,14 +221,37 @@ def host_sgemm_flops() -> float:
     return host_sgemm()[0]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    return cpuinfo()[0]
+
+
+def cpuinfo() -> tuple[str, set[str]]:
+    """(CPU model name, CPU flags) from /proc/cpuinfo; elsewhere what `platform` knows, no flags."""
+    model, cpu_flags = platform.processor() or platform.machine() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    cpu_flags = set(line.split(":", 1)[1].split())
+                if cpu_flags and line.startswith("model name"):
+                    break
+    except OSError:  # Not Linux: the model from `platform`, flags unknown.
+        pass
+    return model, cpu_flags
+
+
+def cpu_cores() -> int:
+    """CPUs this process may run on (its affinity), else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _host_key() -> str:
     """What a CPU's sgemm rate depends on: the CPU model, the cores this process may use, the
     BLAS kernel choice (`OPENBLAS_CORETYPE`) and numpy's version."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model} | {cores} cores | OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')} | numpy {np.__version__}"
+    return f"{cpu_model()} | {cpu_cores()} cores | OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')} | numpy {np.__version__}"
 
 
 def _read_record() -> dict[str, float]:

@@ -13,14 +13,13 @@ every benchmark's results.
 from __future__ import annotations
 
 import importlib.util
-import os
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
+from jaxres import flops
 from jaxres.errors import ConfigError
 
 
@@ -72,32 +71,6 @@ def best_time(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, result
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
-    return _cpuinfo()[0]
-
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    model, cpu_flags = platform.processor() or platform.machine() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    cpu_flags = set(line.split(":", 1)[1].split())
-                if cpu_flags and line.startswith("model name"):
-                    break
-    except OSError:  # Not Linux: the model from `platform`, flags unknown.
-        pass
-    return model, cpu_flags
-
-
-def cores() -> int:
-    """CPUs this process may run on (its affinity), else the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 _CPU_DETAILS: dict[str, Any] = {}
 
 
@@ -108,13 +81,11 @@ def cpu_details() -> dict[str, Any]:
     process; on a shared host it also tells how contended the cores were.
     """
     if not _CPU_DETAILS:
-        from jaxres import flops
-
-        model, cpu_flags = _cpuinfo()
+        model, cpu_flags = flops.cpuinfo()
         _CPU_DETAILS.update(
             cpu_model=model,
             avx512=any(flag.startswith("avx512") for flag in cpu_flags),
-            cores=cores(),
+            cores=flops.cpu_cores(),
             sgemm_gflops=round(flops.host_sgemm_flops() / 1e9, 1),
         )
     return dict(_CPU_DETAILS)

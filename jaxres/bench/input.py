@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jaxres import flops
 from jaxres.bench import common
 from jaxres.data import decode, pipeline, sources, transforms
 from jaxres.data.prepare import records as prepare_records
@@ -344,8 +345,8 @@ def run_input_benchmark(
         all_cores = _all_cores(source, image_size, batch_size, repeats, with_tf)
     return {
         "machine": {
-            "cpu": common.cpu_model(),
-            "cores": common.cores(),
+            "cpu": flops.cpu_model(),
+            "cores": flops.cpu_cores(),
             "python": platform.python_version(),
             "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()],
