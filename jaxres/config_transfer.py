@@ -77,6 +77,24 @@ def base_transfer_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The few-shot protocol's splits where a dataset's are not named train / test.
+FEWSHOT_SPLITS = {"digits": ("train", "val")}
+
+
+def fewshot_config(dataset: str = "digits") -> ml_collections.ConfigDict:
+    """configs/transfer/fewshot.py's protocol on `dataset`: 1, 5, 10 and 25 train images per class
+    from its train split, 3 seeded trials, scored on its whole test split. The few-shot evaluator
+    during training (`jaxres.evaluators`) starts from it too, so both draw the same images."""
+    c = base_transfer_config()
+    c.dataset.name = dataset
+    c.dataset.data_dir = CACHE_DIR if dataset == "digits" else ""
+    c.dataset.train_split, c.dataset.val_split = FEWSHOT_SPLITS.get(dataset, ("train", "test"))
+    c.protocol.kind = "split"
+    c.protocol.per_class = "1,5,10,25"
+    c.protocol.trials = 3
+    return c
+
+
 @dataclasses.dataclass(frozen=True)
 class Lists:
     """The comma-separated keys of a transfer config, parsed (`lists(config)`)."""

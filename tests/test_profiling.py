@@ -237,7 +237,7 @@ def test_the_breakdown_adds_no_host_sync_between_log_steps(tmp_path):
     dispatched while the previous one still runs, so nothing waited for it (a
     `float(metrics)` per step would make it ready), except the one after a log line."""
     config = demo.get_config("smoke")
-    config.log_every_steps, config.eval_every_epochs, config.checkpoint_every_steps = 4, 100, 1000
+    config.log_every, config.evals.val.every, config.checkpoint.every = "4", "100ep", "1000"
     jitted = jax.jit(_heavy_step)
     state = _ToyState(step=np.int32(0), w=jnp.ones((1024, 1024)))
     _, warm = jitted(state, np.zeros(4, np.float32))

@@ -98,16 +98,17 @@ def fit_and_score(
     return row, predictions, model
 
 
-def _split_features(config, extractor, split: str, cache_dir: str):
+def _split_features(config, extractor, split: str, cache_dir: str | None, variables: Any = None):
     source = sources.open_source(config.dataset, split)
     name = {
         "name": config.dataset.name,
         "data_dir": os.path.abspath(os.path.expanduser(config.dataset.data_dir)),
         "split": split,
     }
-    x, y, mask = features.cached_features(
-        extractor, source, name, cache_dir, config.eval_batch_size
-    )
+    if cache_dir is None:  # Weights that change (an evaluator during training): no cache.
+        x, y, mask = extractor.extract(source, config.eval_batch_size, variables=variables)
+    else:
+        x, y, mask = features.cached_features(extractor, source, name, cache_dir, config.eval_batch_size)
     return x, y.astype(np.int64), mask, list(source.class_names)
 
 
@@ -155,11 +156,15 @@ def load_data(
     config: ml_collections.ConfigDict,
     lists: config_transfer.Lists,
     extractor: features.FeatureExtractor,
-    cache_dir: str,
+    cache_dir: str | None,
+    variables: Any = None,
 ):
-    """The protocol's features: (pool or train, test or None, class names)."""
+    """The protocol's features: (pool or train, test or None, class names).
+
+    `cache_dir` None: not cached, of `variables` (default: the extractor's run's weights).
+    """
     p = config.protocol
-    loaded = [_split_features(config, extractor, s, cache_dir) for s in protocol_splits(config, lists)]
+    loaded = [_split_features(config, extractor, s, cache_dir, variables) for s in protocol_splits(config, lists)]
     class_names = loaded[0][3]
     keep = _keep_classes(class_names, lists.exclude_classes)
     parts = [_relabel(x, y, m, keep, len(class_names)) for x, y, m, _ in loaded]
