@@ -142,3 +142,15 @@ def test_resumed_run_evaluates_as_the_uninterrupted_one(trained, tmp_path):
 
     assert evaluations(resumed) == evaluations(workdir)
     assert np.all(np.diff([r["step"] for r in metrics.read_rows(resumed) if "loss" in r]) > 0)
+
+
+def test_curves_show_every_evaluator(trained):
+    from jaxres import plots
+
+    workdir, _, _ = trained
+    keys = {k for r in metrics.read_rows(workdir) for k in r}
+    panels = {title: [key for key, _ in series] for title, series, _ in plots.evaluator_panels(keys)}
+    assert panels["top-1"] == ["top1", "val_top1", "crops_top1"]
+    assert panels["fewshot (top-1)"] == ["fewshot/digits/1shot", "fewshot/digits/5shot"]
+    assert panels["probe (top-1)"] == ["probe/ridge/3"]
+    assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
