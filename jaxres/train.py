@@ -3,7 +3,9 @@
     state = jit(init, out_shardings=replicated)(rng)
     loop:  batch = to_global(next(data))          # sharded on the `data` axis
            state, metrics = jit(train_step, donate state)(state, batch)
-           every log step: metrics -> writers    every epoch: eval, checkpoint
+           every `log_every`: metrics -> writers
+           each evaluator of `config.evals` on its period (jaxres/evaluators.py), a checkpoint
+           every epoch, every `checkpoint.every` and when the best metric is evaluated
 
 Params are replicated and batches sharded over one `data` mesh axis, so
 BatchNorm statistics are over the global batch. Everything a step needs comes
