@@ -68,6 +68,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.decode_reduced = True  # Decode JPEGs at 1/2, 1/4, 1/8 size when the crop still covers the output.
     # keep | skip: a truncated JPEG decoded as far as its data goes, or masked like an undecodable one.
     c.input.truncated = "keep"
+    # The JPEG inverse DCT (jaxres/data/decode.py): "accurate" (libjpeg's ISLOW: PIL's pixels
+    # exactly, what timm and torchvision decode with and published accuracies are measured on)
+    # or "fast" (integer IFAST, tf.io.decode_jpeg's default: up to 8 grey levels off, mean 1).
+    # Same speed here (libjpeg-turbo's ISLOW has AVX2 code; benchmarks/input.md), so both
+    # default to accurate. `eval_dct` is every evaluation's (validation, evaluate, predict,
+    # features, transfer); a run saved before these keys reads the defaults (`runs.read_config`),
+    # so it is evaluated on PIL's pixels like an imported model, not on the fast-IDCT pixels its
+    # recorded val figures came from (they move by decoding noise; write "fast" into its
+    # config.json to reproduce them bit for bit).
+    c.input.train_dct = "accurate"
+    c.input.eval_dct = "accurate"
     c.input.num_workers = 8  # grain worker processes per host (0 = in-process).
 
     # Augmentation of training images: on the host, per image, in the grain workers (crop, flip,

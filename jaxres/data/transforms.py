@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxres.data.decode import Box, check_truncated, decode_for_crop, skipped
+from jaxres.data.decode import Box, check_dct, check_truncated, decode_for_crop, skipped
 from jaxres.data.randaugment import RandAugment
 
 try:  # Fast bilinear resize; optional (PIL fallback).
@@ -133,6 +133,7 @@ class TrainTransform:
         decode_reduced: bool = True,
         truncated: str = "keep",
         randaugment: str = "",
+        dct: str = "accurate",
     ):
         self.image_size = image_size
         self.area_range = (min_area, 1.0)
@@ -140,6 +141,7 @@ class TrainTransform:
         self.color_jitter = color_jitter
         self.decode_reduced = decode_reduced
         self.truncated = check_truncated(truncated)
+        self.dct = check_dct(dct, "input.train_dct")
         self.randaugment = RandAugment(randaugment) if randaugment else None
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -153,6 +155,7 @@ class TrainTransform:
                 key,
                 self.decode_reduced,
                 self.truncated,
+                self.dct,
             )
         except Exception as e:  # noqa: BLE001 - any undecodable file is skipped, not fatal.
             return skipped(record, (self.image_size, self.image_size, 3), e)
@@ -179,12 +182,14 @@ class EvalTransform:
         crop_ratio: float = EVAL_CROP_RATIO,
         decode_reduced: bool = True,
         truncated: str = "keep",
+        dct: str = "accurate",
     ):
         self.image_size = image_size
         self.crop_ratio = crop_ratio
         self.resize_size = round(image_size / crop_ratio)
         self.decode_reduced = decode_reduced
         self.truncated = check_truncated(truncated)
+        self.dct = check_dct(dct)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         size = (self.image_size, self.image_size)
@@ -196,6 +201,7 @@ class EvalTransform:
                 record.get("key", "?"),
                 self.decode_reduced,
                 self.truncated,
+                self.dct,
             )
         except Exception as e:  # noqa: BLE001
             return skipped(record, (self.image_size, self.image_size, 3), e)
@@ -217,11 +223,13 @@ class TenCropTransform:
         crop_ratio: float = EVAL_CROP_RATIO,
         decode_reduced: bool = True,
         truncated: str = "keep",
+        dct: str = "accurate",
     ):
         self.image_size = image_size
         self.resize_size = round(image_size / crop_ratio)
         self.decode_reduced = decode_reduced
         self.truncated = check_truncated(truncated)
+        self.dct = check_dct(dct)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         s, r = self.image_size, self.resize_size
@@ -233,6 +241,7 @@ class TenCropTransform:
                 record.get("key", "?"),
                 self.decode_reduced,
                 self.truncated,
+                self.dct,
             )
         except Exception as e:  # noqa: BLE001
             return skipped(record, (10, s, s, 3), e)
