@@ -120,8 +120,10 @@ def test_the_idct_is_part_of_the_preprocessing_and_the_cache_key():
     assert key(fast) != key(accurate)
     preprocessing.write_into(fast, written := base_config())
     assert preprocessing.of(written) == fast
-    for bad in (lambda: fast.__class__(**dict(fast.description(), dct="islow")).views_transform(),
-                lambda: transforms.TrainTransform(32, dct="slow")):
+    for bad in (
+        lambda: fast.__class__(**dict(fast.description(), dct="islow")).views_transform(),
+        lambda: transforms.TrainTransform(32, dct="slow"),
+    ):
         with pytest.raises(ConfigError, match=r"accurate / fast"):
             bad()
 
