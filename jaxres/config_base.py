@@ -70,14 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.truncated = "keep"
     # The JPEG inverse DCT (jaxres/data/decode.py): "accurate" (libjpeg's ISLOW: PIL's pixels
     # exactly, what timm and torchvision decode with and published accuracies are measured on)
-    # or "fast" (integer IFAST, tf.io.decode_jpeg's default: up to 8 grey levels off, mean 1).
-    # Same speed here (libjpeg-turbo's ISLOW has AVX2 code; benchmarks/input.md), so both
-    # default to accurate. `eval_dct` is every evaluation's (validation, evaluate, predict,
-    # features, transfer); a run saved before these keys reads the defaults (`runs.read_config`),
-    # so it is evaluated on PIL's pixels like an imported model, not on the fast-IDCT pixels its
-    # recorded val figures came from (they move by decoding noise; write "fast" into its
-    # config.json to reproduce them bit for bit).
-    c.input.train_dct = "accurate"
+    # or "fast" (integer IFAST, tf.io.decode_jpeg's default: up to 6-10 grey levels off, mean 1).
+    # Accurate costs ~2% more per image (benchmarks/input.md). Training keeps fast (tf.data's
+    # pixels; a run resumed across this key trains on the same pixels as before).
+    c.input.train_dct = "fast"
+    # Every evaluation's (validation, evaluate, predict, features, transfer). A run saved before
+    # the key reads this default (`runs.read_config`): it is evaluated on PIL's pixels, as an
+    # imported model is, rather than on the fast-IDCT pixels its recorded val figures came from
+    # (they move by decoding noise; set "eval_dct": "fast" in its config.json to repeat them).
     c.input.eval_dct = "accurate"
     c.input.num_workers = 8  # grain worker processes per host (0 = in-process).
 

@@ -11,15 +11,17 @@ then PIL (`Image.draft` for the DCT scaling).
 The inverse DCT (`dct`, from `input.train_dct` / `input.eval_dct`): "accurate" is
 libjpeg's JDCT_ISLOW, what PIL, timm and torchvision decode with (so the weights
 they publish were measured on it); "fast" is its integer JDCT_IFAST, tf.io.decode_jpeg's
-default, off by up to 8 grey levels (mean 1.06) on ImageNet-like JPEGs (benchmarks/input.md).
+default, off by up to 6 grey levels (mean 1.0) on ImageNet-like JPEGs, 10 in the crop
+window's edge column (benchmarks/input.md).
 With "accurate", both JPEG paths give PIL's `Image.open(...).convert("RGB")` pixels
 exactly at full size and `Image.draft`'s at 1/2 - 1/8, for 4:2:0, 4:2:2, 4:4:4 and
 grey JPEGs (tests/test_decode_accuracy.py): the same libjpeg-turbo IDCT and fancy
 chroma upsampling as PIL, and the window decoded with a margin so that its edge
 columns are upsampled as in the whole image (`jpeg_crop.decode_crop`). The scaled
 IDCTs have no fast variant, so below full size `dct` only changes the chroma of
-4:2:0 images at 1/2. The PIL fallback is always accurate. Both cost the same on
-the AVX-512 project machine (libjpeg-turbo's ISLOW has AVX2 code, its IFAST only SSE2).
+4:2:0 images at 1/2. The PIL fallback is always accurate. "accurate" costs about 2%
+more per image on the project machine (AVX-512; libjpeg-turbo's ISLOW has AVX2 code, its
+IFAST only SSE2), the window's margin included.
 
 Robustness. CMYK / YCCK JPEGs, grayscale, palette and PNG bytes named .JPEG
 decode through PIL to RGB. A truncated file (a JPEG without its end-of-image

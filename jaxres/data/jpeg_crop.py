@@ -136,14 +136,15 @@ def decode_crop(
 ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """Decodes the window around `box` at 1/`scale` size; returns (uint8 RGB array, box in its pixels).
 
-    The window's pixels equal those of the whole image decoded the same way (with the
-    accurate IDCT: PIL's `Image.open(...).convert("RGB")`, at 1/`scale`: after
-    `Image.draft`). libjpeg's fancy (triangular) chroma upsampling reads the chroma
-    sample beyond each pixel pair, which a window cut at its edge does not have: it
-    would repeat the edge sample instead (up to 25 grey levels off in the first and
-    last columns of a 4:2:2 or 4:2:0 image). So one more iMCU is decoded on each side
-    (about 10% more columns for a 300-pixel window) and cut off here. Rows need no
-    margin: libjpeg-turbo's skipped rows keep the upsampler's context.
+    With the accurate IDCT the window's pixels equal those of the whole image (PIL's
+    `Image.open(...).convert("RGB")`; at 1/`scale`, after `Image.draft`). libjpeg's fancy
+    (triangular) chroma upsampling reads the chroma sample beyond each pixel pair, which
+    a window cut at its edge does not have: it would repeat the edge sample instead (up
+    to 25 grey levels off in the first and last columns of a 4:2:2 or 4:2:0 image). So
+    one more iMCU is decoded on the left and one more pixel on the right, then cut off
+    here (about 2% more time per image, benchmarks/input.md). Rows need no margin:
+    libjpeg-turbo's skipped rows keep the upsampler's context. With the fast IDCT the
+    window is decoded as before, as tf.data's `decode_and_crop_jpeg` does.
 
     Args:
       data: JPEG bytes (after `header(data)` said it can be decoded here).
@@ -166,8 +167,11 @@ def decode_crop(
     step = max(1, mcu_width // scale)
     x0, y0 = int(left) // step * step, int(top)
     x1, y1 = min(width, math.ceil(left + w)), min(height, math.ceil(top + h))
-    # The decoded columns: one iMCU of upsampling context on each side (see above).
-    dx0, dx1 = max(0, x0 - step), min(width, x1 + step)
+    # The decoded columns: upsampling context on each side (see above) where chroma is
+    # upsampled across columns (at 1/2 - 1/8 libjpeg-turbo scales chroma in its IDCT instead);
+    # not for the fast IDCT, which cannot give PIL's pixels anyway (it stays tf.data's decode).
+    context = scale == 1 and mcu_width == 16 and not fast_dct
+    dx0, dx1 = (max(0, x0 - step), min(width, x1 + 1)) if context else (x0, x1)
     _check(_LIB.tj3SetCroppingRegion(handle, _Region(dx0, y0, dx1 - dx0, y1 - y0)), handle)
     out = np.empty((y1 - y0, dx1 - dx0, 3), np.uint8)
     status = _LIB.tj3Decompress8(handle, data, len(data), out.ctypes.data, out.strides[0], TJPF_RGB)

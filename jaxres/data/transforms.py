@@ -6,7 +6,9 @@ computes its crop box on the full-size image, has `decode.decode_for_crop` decod
 only that window at the smallest DCT scale that still covers the output, so the
 last resize always shrinks by less than 2x and is a plain bilinear one (OpenCV),
 as tf.data's (PIL fallback: antialiased bilinear resize). A record that cannot be
-decoded becomes a black, masked example (`decode.skipped`).
+decoded becomes a black, masked example (`decode.skipped`). Training decodes with the
+fast IDCT by default (`dct`, `input.train_dct`), evaluation with the accurate one
+(`input.eval_dct`: PIL's pixels before the resize).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ class TrainTransform:
         decode_reduced: bool = True,
         truncated: str = "keep",
         randaugment: str = "",
-        dct: str = "accurate",
+        dct: str = "fast",
     ):
         self.image_size = image_size
         self.area_range = (min_area, 1.0)
