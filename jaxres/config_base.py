@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.truncated = "keep"
     # The JPEG inverse DCT (jaxres/data/decode.py): "accurate" (libjpeg's ISLOW: PIL's pixels
     # exactly, what timm and torchvision decode with and published accuracies are measured on)
-    # or "fast" (integer IFAST, tf.io.decode_jpeg's default: up to 6-10 grey levels off, mean 1).
+    # or "fast" (integer IFAST, tf.io.decode_jpeg's default: 6-18 grey levels off at most, mean ~1).
     # Accurate costs ~2% more per image (benchmarks/input.md). Training keeps fast (tf.data's
     # pixels; a run resumed across this key trains on the same pixels as before).
     c.input.train_dct = "fast"

@@ -11,8 +11,8 @@ then PIL (`Image.draft` for the DCT scaling).
 The inverse DCT (`dct`, from `input.train_dct` / `input.eval_dct`): "accurate" is
 libjpeg's JDCT_ISLOW, what PIL, timm and torchvision decode with (so the weights
 they publish were measured on it); "fast" is its integer JDCT_IFAST, tf.io.decode_jpeg's
-default, off by up to 6 grey levels (mean 1.0) on ImageNet-like JPEGs, 10 in the crop
-window's edge column (benchmarks/input.md).
+default, 6-18 grey levels off at most (mean 1.0-1.3) on synthetic ImageNet-like JPEGs and
+three photographs (benchmarks/input.md).
 With "accurate", both JPEG paths give PIL's `Image.open(...).convert("RGB")` pixels
 exactly at full size and `Image.draft`'s at 1/2 - 1/8, for 4:2:0, 4:2:2, 4:4:4 and
 grey JPEGs (tests/test_decode_accuracy.py): the same libjpeg-turbo IDCT and fancy
