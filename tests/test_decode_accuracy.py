@@ -52,8 +52,10 @@ def pil_pixels(data: bytes, scale: int = 1) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def decoded(data: bytes, path: str, box: decode.Box, scale: int, dct: str) -> np.ndarray:
-    """`decode_for_crop`'s pixels through `path`, placed back into a full-size canvas."""
+def decoded(
+    data: bytes, path: str, box: decode.Box, scale: int, dct: str
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """(pixels `decode_for_crop` decodes through `path` at 1/scale, their top-left corner)."""
     fn = {"window": decode._decode_window, "whole": decode._decode_whole}[path]
     out_size = (int(box[2] // scale), int(box[3] // scale))  # The crop covers it at 1/scale.
     array, (left, top, _, _) = fn(data, lambda w, h: box, lambda b: out_size, True, dct == "fast")
