@@ -68,6 +68,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.decode_reduced = True  # Decode JPEGs at 1/2, 1/4, 1/8 size when the crop still covers the output.
     # keep | skip: a truncated JPEG decoded as far as its data goes, or masked like an undecodable one.
     c.input.truncated = "keep"
+    # The JPEG inverse DCT (jaxres/data/decode.py): "accurate" (libjpeg's ISLOW: PIL's pixels
+    # exactly, what timm and torchvision decode with and published accuracies are measured on)
+    # or "fast" (integer IFAST, tf.io.decode_jpeg's default: 6-18 grey levels off at most, mean ~1).
+    # Accurate costs ~2% more per image (benchmarks/input.md). Training keeps fast (tf.data's
+    # pixels; a run resumed across this key trains on the same pixels as before).
+    c.input.train_dct = "fast"
+    # Every evaluation's (validation, evaluate, predict, features, transfer). A run saved before
+    # the key reads this default (`runs.read_config`): it is evaluated on PIL's pixels, as an
+    # imported model is, rather than on the fast-IDCT pixels its recorded val figures came from
+    # (they move by decoding noise; set "eval_dct": "fast" in its config.json to repeat them).
+    c.input.eval_dct = "accurate"
     c.input.num_workers = 8  # grain worker processes per host (0 = in-process).
 
     # Augmentation of training images: on the host, per image, in the grain workers (crop, flip,

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --what train --framework torch --model resnet50 --batch_size 256
     python scripts/benchmark.py --what e2e --batch_size 256 --num_workers 16   # records -> grain -> step
     python scripts/benchmark.py --what input          # grain transforms vs tf.data vs PIL
+    python scripts/benchmark.py --what idct           # JPEG IDCT accurate vs fast, pixels vs PIL
     python scripts/benchmark.py --what probe          # ridge / logistic probes vs scikit-learn
     python scripts/benchmark.py --what features --model resnet50 --batch_size 32
     python scripts/benchmark.py --what ops --model resnet18 --image_size 112 --batch_size 32  # per conv op
@@ -14,7 +15,7 @@ ops prints where a CPU train step goes (every conv shape's forward / input-gradi
 weight-gradient conv, BatchNorm, optimizer; JAX vs PyTorch, interleaved) and, with
 `--ops_parts train_ab`, appends the train step with XLA's conv and with
 `jaxres.models.cpu_conv.conv` (interleaved) to results.jsonl.
-input / probe / features print their tables as JSON or markdown (--output
+input / idct / probe / features print their tables as JSON or markdown (--output
 writes them); benchmarks/input.md and probe.md hold the recorded figures.
 Run on a quiet machine (check `uptime`).
 """
@@ -26,8 +27,12 @@ from absl import app, flags
 
 from jaxres import cli
 
-flags.DEFINE_enum("what", "train", ["train", "infer", "e2e", "input", "probe", "features", "ops"],
-                  "What to time.")
+flags.DEFINE_enum(
+    "what",
+    "train",
+    ["train", "infer", "e2e", "input", "idct", "probe", "features", "ops"],
+    "What to time.",
+)
 flags.DEFINE_enum("framework", "jax", ["jax", "torch"], "train / infer: jaxres or the PyTorch reference.")
 flags.DEFINE_string("model", "resnetv2_50", "jaxres registry name, or torchvision/timm name for torch.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size (input: its pipelines' batch, default 64).")
@@ -38,8 +43,9 @@ flags.DEFINE_integer("image_size", 224, "Input resolution.")
 flags.DEFINE_bool("torch_compile", True, "torch.compile the torch step.")
 flags.DEFINE_bool("record", True, "train / infer: append to benchmarks/results.jsonl.")
 flags.DEFINE_integer("num_images", None,
-                     "input / e2e: JPEGs to make (about 500x375, q90; default 512 / 1,024).")
-flags.DEFINE_integer("repeats", 3, "input: timed passes per figure (best kept).")
+                     "input / e2e / idct: JPEGs to make (about 500x375, q90; default 512 / 1,024 / "
+                     "256).")
+flags.DEFINE_integer("repeats", 3, "input / idct: timed passes per figure (best kept).")
 flags.DEFINE_bool("tf", None, "input: include tf.data rows (default: when TensorFlow is installed).")
 flags.DEFINE_bool("sweep", True, "probe: also time the whole Caltech-101 protocol sweep (minutes).")
 flags.DEFINE_list("probe_shape", ["102", "2048"],
@@ -114,6 +120,12 @@ def _other(f) -> dict:
             f.num_images or 512, f.image_size, batch, f.repeats, f.tf
         )
         print(bench_input.format_markdown(result))
+        return result
+    if f.what == "idct":
+        from jaxres.bench import idct
+
+        result = idct.run_idct_benchmark(f.num_images or 256, f.image_size, f.repeats)
+        print(idct.format_markdown(result))
         return result
     from jaxres.bench import probe as bench_probe
 

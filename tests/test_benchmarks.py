@@ -60,6 +60,15 @@ def test_input():
     assert "| per core (1 CPU) | images/s |" in bench_input.format_markdown(result)
 
 
+def test_idct():
+    from jaxres.bench import idct
+
+    result = idct.run_idct_benchmark(4, 16, repeats=1)
+    assert result["ms_per_image"]["eval transform: accurate"] > 0
+    assert result["pixels_vs_pil"]["eval transform output 16x16: accurate"]["max"] == 0
+    assert "| eval transform |" in idct.format_markdown(result)
+
+
 def test_script(tmp_path):
     """The script itself, its cheapest kind: flags, dispatch, the JSON row on stdout."""
     cmd = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--what", "infer",

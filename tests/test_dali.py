@@ -32,7 +32,8 @@ def _train_pair(records: list[dict]) -> tuple[dict, list[dict]]:
 def test_train_crops_draw_the_cpu_transforms_boxes_and_flips():
     batch, cpu = _train_pair(_records())
     # The CPU fallback decodes the specs' windows with the CPU code: it must be the CPU transform, bit for bit.
-    fallback = dali.DaliDecoder(SIZE, len(cpu), num_threads=1)._decode_on_cpu(batch)
+    # (Training's IDCT, `input.train_dct`'s default: what the loader passes for training.)
+    fallback = dali.DaliDecoder(SIZE, len(cpu), num_threads=1, dct="fast")._decode_on_cpu(batch)
     np.testing.assert_array_equal(fallback["image"], np.stack([c["image"] for c in cpu]))
     np.testing.assert_array_equal(fallback["label"], [c["label"] for c in cpu])
     assert 0 < batch["flip"].sum() < len(cpu)  # Both flip states are exercised.

@@ -42,6 +42,7 @@ def run(tmp_path_factory):
     d.image_size, d.eval_image_size, d.eval_crop_ratio = SIZE, EVAL_SIZE, CROP
     d.mean, d.std = MEAN, STD
     config.input.decode_reduced, config.input.truncated = False, "skip"
+    config.input.eval_dct = "fast"  # Not the default (accurate): every reader must carry it.
     config.eval_batch_size = 8
     return make_run(str(tmp_path_factory.mktemp("prep_runs") / "run"), config), data
 
@@ -66,9 +67,9 @@ def capture(monkeypatch):
 def expected(source, views: str) -> np.ndarray:
     """The pixels a run with these keys must be evaluated on, built from the transforms directly."""
     if views == "10crop":
-        transform = transforms.TenCropTransform(EVAL_SIZE, CROP, decode_reduced=False, truncated="skip")
+        transform = transforms.TenCropTransform(EVAL_SIZE, CROP, False, "skip", "fast")
     else:
-        transform = transforms.EvalTransform(EVAL_SIZE, CROP, decode_reduced=False, truncated="skip")
+        transform = transforms.EvalTransform(EVAL_SIZE, CROP, False, "skip", "fast")
     return np.stack([transform(source[i])["image"] for i in range(len(source))])
 
 
@@ -79,11 +80,14 @@ def pixels(captured, source) -> np.ndarray:
 
 
 def test_the_keys_change_pixels(run):
-    """Else the test below would prove nothing: the reduced decode gives other pixels."""
+    """Else the test below would prove nothing: the reduced decode and the accurate IDCT give
+    other pixels."""
     _, data = run
     source = sources.ImageFolderSource(os.path.join(data, "val"))
-    reduced = transforms.EvalTransform(EVAL_SIZE, CROP, decode_reduced=True, truncated="skip")
+    reduced = transforms.EvalTransform(EVAL_SIZE, CROP, True, "skip", "fast")
     assert not np.array_equal(reduced(source[0])["image"], expected(source, "center")[0])
+    accurate = transforms.EvalTransform(EVAL_SIZE, CROP, False, "skip", "accurate")
+    assert not np.array_equal(accurate(source[0])["image"], expected(source, "center")[0])
 
 
 def test_every_reader_sees_the_same_pixels(run, capture):
@@ -119,4 +123,7 @@ def test_exports_describe_the_same_preprocessing(run, tmp_path):
     config = run_config(str(tmp_path))  # Another dataset's keys, all defaults.
     preprocessing.write_into(extractor.preprocessing, config)
     assert preprocessing.of(config) == prep
-    assert prep == preprocessing.Preprocessing(EVAL_SIZE, CROP, MEAN, STD, "bilinear", "cpu", False, "skip")
+    assert prep == preprocessing.Preprocessing(
+        EVAL_SIZE, CROP, MEAN, STD, "bilinear", "cpu", False, "skip", "fast"
+    )
+    assert meta["jpeg_dct"] == "fast"

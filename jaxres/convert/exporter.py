@@ -273,6 +273,7 @@ def metadata(loaded: runs.LoadedRun, fmt: str, model: str) -> dict[str, Any]:
             "image_size": prep.image_size,
             "crop_ratio": prep.crop_ratio,  # timm's crop_pct: resize to size / ratio.
             "interpolation": prep.interpolation,
+            "jpeg_dct": prep.dct,  # "accurate": PIL's JPEG decoding (libjpeg ISLOW); "fast": IFAST.
             "channel_order": "RGB",
         },
         "source_run": loaded.run,

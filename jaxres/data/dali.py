@@ -12,7 +12,10 @@ draws the crop box and flip with the same RNG calls as
 (`decoders.image_slice`: nvJPEG / the hardware JPEG engines on a GPU, DALI's
 CPU threads without one), resizes it (linear, antialiased when shrinking) and
 flips it. Same geometry as the CPU path; pixels differ slightly (another IDCT
-and resize filter, no DCT-reduced decoding).
+and resize filter, no DCT-reduced decoding). DALI offers no IDCT choice (nvJPEG,
+the hardware engines and its CPU backend pick their own), so `input.train_dct` /
+`input.eval_dct` apply only to the CPU fallback below: for PIL's exact pixels,
+evaluate with `input.decoder=cpu`.
 
 A batch DALI cannot decode (a damaged file) is decoded on the CPU instead,
 example by example with the same boxes, and undecodable images become
@@ -146,13 +149,21 @@ class DaliDecoder:
       batch_size: examples per batch (this process's rows).
       num_threads: DALI CPU threads.
       device_id: the GPU to decode on; None decodes on the CPU (tests, CPU hosts).
+      dct: the IDCT of the CPU fallback for a batch DALI cannot decode ("accurate" | "fast").
     """
 
-    def __init__(self, image_size: int, batch_size: int, num_threads: int = 4, device_id: int | None = None):
+    def __init__(
+        self,
+        image_size: int,
+        batch_size: int,
+        num_threads: int = 4,
+        device_id: int | None = None,
+        dct: str = "accurate",
+    ):
         check_available()
         from nvidia.dali import fn, pipeline_def, types
 
-        self.image_size, self.batch_size = image_size, batch_size
+        self.image_size, self.batch_size, self.dct = image_size, batch_size, decode.check_dct(dct)
         mixed = device_id is not None
         decoder_args = {"device": "mixed", "hw_decoder_load": HW_DECODER_LOAD} if mixed else {"device": "cpu"}
 
@@ -203,7 +214,11 @@ class DaliDecoder:
             record = {"image": jpeg.tobytes(), "key": batch["key"][i], "label": batch["label"][i]}
             try:
                 array, box = decode.decode_for_crop(
-                    record["image"], lambda w, h, b=tuple(crop): b, lambda box: size, record["key"]
+                    record["image"],
+                    lambda w, h, b=tuple(crop): b,
+                    lambda box: size,
+                    record["key"],
+                    dct=self.dct,
                 )
                 image = transforms.crop_resize(array, box, size)
                 images.append(transforms.flip_left_right(image) if flip else image)
@@ -214,16 +229,22 @@ class DaliDecoder:
 
 
 def decode_batches(
-    batches: Iterator[dict[str, Any]], image_size: int, batch_size: int, num_threads: int | None = None
+    batches: Iterator[dict[str, Any]],
+    image_size: int,
+    batch_size: int,
+    num_threads: int | None = None,
+    dct: str = "accurate",
 ) -> Iterator[dict[str, np.ndarray]]:
     """Decodes an iterator of crop-spec batches; on the first local GPU when JAX has one.
 
-    `num_threads` (DALI's CPU threads) defaults to the host's cores, at most 8.
+    `num_threads` (DALI's CPU threads) defaults to the host's cores, at most 8; `dct` is the
+    CPU fallback's IDCT (`DaliDecoder`).
     """
     import jax
 
     num_threads = num_threads or min(8, os.cpu_count() or 1)
     gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
-    decoder = DaliDecoder(image_size, batch_size, num_threads, gpus[0].local_hardware_id if gpus else None)
+    device = gpus[0].local_hardware_id if gpus else None
+    decoder = DaliDecoder(image_size, batch_size, num_threads, device, dct)
     for batch in batches:
         yield decoder(batch)

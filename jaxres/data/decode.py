@@ -6,9 +6,22 @@ image size from the header, computes its crop box on the full-size image, then
 `jpeg_crop.py`, as tf.data's `decode_and_crop_jpeg`) at the smallest JPEG DCT
 scale (1, 1/2, 1/4, 1/8) at which the crop still covers the output size.
 Fallbacks, each slower: the whole JPEG with simplejpeg (same DCT scaling),
-then PIL (`Image.draft` for the DCT scaling); pixels differ slightly between
-paths, the geometry does not. The integer fast IDCT is used, as
-tf.io.decode_jpeg does by default.
+then PIL (`Image.draft` for the DCT scaling).
+
+The inverse DCT (`dct`, from `input.train_dct` / `input.eval_dct`): "accurate" is
+libjpeg's JDCT_ISLOW, what PIL, timm and torchvision decode with (so the weights
+they publish were measured on it); "fast" is its integer JDCT_IFAST, tf.io.decode_jpeg's
+default, 6-18 grey levels off at most (mean 1.0-1.3) on synthetic ImageNet-like JPEGs and
+three photographs (benchmarks/input.md).
+With "accurate", both JPEG paths give PIL's `Image.open(...).convert("RGB")` pixels
+exactly at full size and `Image.draft`'s at 1/2 - 1/8, for 4:2:0, 4:2:2, 4:4:4 and
+grey JPEGs (tests/test_decode_accuracy.py): the same libjpeg-turbo IDCT and fancy
+chroma upsampling as PIL, and the window decoded with a margin so that its edge
+columns are upsampled as in the whole image (`jpeg_crop.decode_crop`). The scaled
+IDCTs have no fast variant, so below full size `dct` only changes the chroma of
+4:2:0 images at 1/2. The PIL fallback is always accurate. "accurate" costs about 2%
+more per image on the project machine (AVX-512; libjpeg-turbo's ISLOW has AVX2 code, its
+IFAST only SSE2), the window's margin included.
 
 Robustness. CMYK / YCCK JPEGs, grayscale, palette and PNG bytes named .JPEG
 decode through PIL to RGB. A truncated file (a JPEG without its end-of-image
@@ -59,6 +72,7 @@ Box = tuple[float, float, float, float]  # (left, top, width, height) in pixels.
 _TRUNCATED_LOCK = threading.Lock()
 TRUNCATED = ("keep", "skip")  # `input.truncated`: decode what is there, or mask the record.
 TRUNCATED_INFO = "jaxres_truncated"  # Set in `Image.info` of an image decoded leniently.
+DCT_METHODS = ("accurate", "fast")  # `input.train_dct` / `input.eval_dct`: libjpeg ISLOW / IFAST.
 
 
 class TruncatedImageError(OSError):
@@ -73,6 +87,15 @@ def check_truncated(truncated: str) -> str:
             f"{' / '.join(TRUNCATED)}."
         )
     return truncated
+
+
+def check_dct(dct: str, key: str = "input.eval_dct") -> str:
+    """`dct` if it is a valid IDCT choice; a ConfigError naming `key`'s valid values otherwise."""
+    if dct not in DCT_METHODS:
+        raise ConfigError(
+            f"Unknown {key} {dct!r}; set --config.{key} to one of {' / '.join(DCT_METHODS)}."
+        )
+    return dct
 
 
 def jpeg_truncated(image_bytes: bytes) -> bool:
@@ -166,6 +189,7 @@ def decode_for_crop(
     key: str = "?",
     reduced: bool = True,
     truncated: str = "keep",
+    dct: str = "accurate",
 ) -> tuple[np.ndarray, Box]:
     """Decodes as little as the crop needs; returns (uint8 HxWx3, the crop box in its pixels).
 
@@ -180,10 +204,11 @@ def decode_for_crop(
       key: the record's key, for log messages.
       reduced: allow DCT-scaled JPEG decoding.
       truncated: "keep" or "skip" (raise `TruncatedImageError`) for a truncated file.
+      dct: "accurate" (PIL's pixels) or "fast", the JPEG paths' inverse DCT (module docstring).
     """
     if image_bytes[:2] == b"\xff\xd8" and not jpeg_truncated(image_bytes):
         for decoder in (_decode_window, _decode_whole):
-            decoded = decoder(image_bytes, box_fn, out_size, reduced)
+            decoded = decoder(image_bytes, box_fn, out_size, reduced, dct == "fast")
             if decoded is not None:
                 return decoded
     image = Image.open(io.BytesIO(image_bytes))  # Header only: no pixels decoded yet.
@@ -196,7 +221,7 @@ def decode_for_crop(
 
 
 def _decode_window(
-    image_bytes: bytes, box_fn: Callable, out_size: Callable, reduced: bool
+    image_bytes: bytes, box_fn: Callable, out_size: Callable, reduced: bool, fast_dct: bool
 ) -> tuple[np.ndarray, Box] | None:
     if not jpeg_crop.available():
         return None
@@ -207,14 +232,19 @@ def _decode_window(
     box = box_fn(width, height)
     try:
         return jpeg_crop.decode_crop(
-            image_bytes, (width, height), mcu_width, box, dct_scale(box, out_size(box), reduced)
+            image_bytes,
+            (width, height),
+            mcu_width,
+            box,
+            dct_scale(box, out_size(box), reduced),
+            fast_dct,
         )
     except ValueError:
         return None  # Truncated or damaged: PIL decodes what it can, or raises.
 
 
 def _decode_whole(
-    image_bytes: bytes, box_fn: Callable, out_size: Callable, reduced: bool
+    image_bytes: bytes, box_fn: Callable, out_size: Callable, reduced: bool, fast_dct: bool
 ) -> tuple[np.ndarray, Box] | None:
     if simplejpeg is None:
         return None
@@ -230,7 +260,7 @@ def _decode_whole(
         array = simplejpeg.decode_jpeg(
             image_bytes,
             colorspace="RGB",
-            fastdct=True,
+            fastdct=fast_dct,
             min_height=math.ceil(height / scale),
             min_width=math.ceil(width / scale),
         )

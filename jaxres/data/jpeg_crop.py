@@ -132,8 +132,19 @@ def decode_crop(
     mcu_width: int,
     box: tuple[float, float, float, float],
     scale: int = 1,
+    fast_dct: bool = False,
 ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """Decodes the window around `box` at 1/`scale` size; returns (uint8 RGB array, box in its pixels).
+
+    With the accurate IDCT the window's pixels equal those of the whole image (PIL's
+    `Image.open(...).convert("RGB")`; at 1/`scale`, after `Image.draft`). libjpeg's fancy
+    (triangular) chroma upsampling reads the chroma sample beyond each pixel pair, which
+    a window cut at its edge does not have: it would repeat the edge sample instead (up
+    to 25 grey levels off in the first and last columns of a 4:2:2 or 4:2:0 image). So
+    one more iMCU is decoded on the left and one more pixel on the right, then cut off
+    here (about 2% more time per image, benchmarks/input.md). Rows need no margin:
+    libjpeg-turbo's skipped rows keep the upsampler's context. With the fast IDCT the
+    window is decoded as before, as tf.data's `decode_and_crop_jpeg` does.
 
     Args:
       data: JPEG bytes (after `header(data)` said it can be decoded here).
@@ -142,18 +153,27 @@ def decode_crop(
         left onto a multiple of it (scaled), as TurboJPEG requires.
       box: (left, top, width, height) on the full-size image.
       scale: DCT scaling denominator (1, 2, 4 or 8).
+      fast_dct: libjpeg's integer fast IDCT (JDCT_IFAST, tf.io.decode_jpeg's default)
+        instead of the accurate one (JDCT_ISLOW, PIL's and libjpeg's default). The scaled
+        IDCTs (1/2 - 1/8) have no fast variant: below full size it changes only the chroma
+        of 4:2:0 images at 1/2, which libjpeg-turbo decodes with the 8x8 IDCT.
     """
     handle = _handle()
     _check(_LIB.tj3DecompressHeader(handle, data, len(data)), handle)
-    _LIB.tj3Set(handle, TJPARAM_FASTDCT, 1)  # As tf.io.decode_jpeg's default (integer fast IDCT).
+    _LIB.tj3Set(handle, TJPARAM_FASTDCT, int(fast_dct))
     _check(_LIB.tj3SetScalingFactor(handle, _Scaling(1, scale)), handle)
     width, height = math.ceil(size[0] / scale), math.ceil(size[1] / scale)
     left, top, w, h = (v / scale for v in box)
     step = max(1, mcu_width // scale)
     x0, y0 = int(left) // step * step, int(top)
     x1, y1 = min(width, math.ceil(left + w)), min(height, math.ceil(top + h))
-    _check(_LIB.tj3SetCroppingRegion(handle, _Region(x0, y0, x1 - x0, y1 - y0)), handle)
-    out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+    # The decoded columns: upsampling context on each side (see above) where chroma is
+    # upsampled across columns (at 1/2 - 1/8 libjpeg-turbo scales chroma in its IDCT instead);
+    # not for the fast IDCT, which cannot give PIL's pixels anyway (it stays tf.data's decode).
+    context = scale == 1 and mcu_width == 16 and not fast_dct
+    dx0, dx1 = (max(0, x0 - step), min(width, x1 + 1)) if context else (x0, x1)
+    _check(_LIB.tj3SetCroppingRegion(handle, _Region(dx0, y0, dx1 - dx0, y1 - y0)), handle)
+    out = np.empty((y1 - y0, dx1 - dx0, 3), np.uint8)
     status = _LIB.tj3Decompress8(handle, data, len(data), out.ctypes.data, out.strides[0], TJPF_RGB)
     _check(status, handle)
-    return out, (left - x0, top - y0, w, h)
+    return out[:, x0 - dx0 : x1 - dx0], (left - x0, top - y0, w, h)

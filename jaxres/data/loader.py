@@ -12,7 +12,9 @@ example counts exactly once on any number of devices and processes.
 Both iterators close their grain pipeline (its worker processes) when they end
 or are closed: a caller that stops early calls `.close()` on them (garbage
 collection and interpreter exit do it too, later). `input.truncated` ("keep"
-| "skip") reaches every CPU transform.
+| "skip") reaches every CPU transform, and the IDCT (`input.train_dct` for training,
+the evaluation preprocessing's for the views) every CPU decode, DALI's CPU
+fallback included (DALI's own decoders have no IDCT choice).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def train_transform(config: ml_collections.ConfigDict) -> Callable[[dict, np.ran
     """The host augmentation of `config.augment` at `config.dataset.image_size`, decoded as
     `config.input` says (for the configured decoder)."""
     input, augment = config.input, config.augment  # noqa: A001 - the config section's name.
+    decode.check_dct(input.train_dct, "input.train_dct")
     if input.decoder == "dali":
         if augment.randaugment:  # DALI decodes on the device after the workers; no PIL ops there.
             raise ConfigError(
@@ -50,6 +53,7 @@ def train_transform(config: ml_collections.ConfigDict) -> Callable[[dict, np.ran
         decode_reduced=input.decode_reduced,
         truncated=input.truncated,
         randaugment=augment.randaugment,
+        dct=input.train_dct,
     )
 
 
@@ -60,21 +64,24 @@ def view_transform(
     decoder: str = "cpu",
     decode_reduced: bool = True,
     truncated: str = "keep",
+    dct: str = "accurate",
 ) -> Callable[[dict], dict]:
     """The evaluation transform for `views`: "center", "flip" (centre + mirror) or "10crop".
 
-    `truncated` is `config.input.truncated` ("keep" or "skip" a truncated image).
+    `truncated` is `config.input.truncated` ("keep" or "skip" a truncated image), `dct`
+    `config.input.eval_dct` (the JPEG inverse DCT of the CPU decoder).
     """
     if views not in VIEWS:
         raise ConfigError(unknown_name("views", views, VIEWS))
     decode.check_truncated(truncated)
+    decode.check_dct(dct)
     if decoder == "dali":
         if views != "center":
             raise ConfigError(f"views={views!r} runs on the CPU decoder only; set --config.input.decoder=cpu.")
         return dali.EvalCrops(crop_ratio, truncated)
     if views == "10crop":
-        return transforms.TenCropTransform(image_size, crop_ratio, decode_reduced, truncated)
-    centre = transforms.EvalTransform(image_size, crop_ratio, decode_reduced, truncated)
+        return transforms.TenCropTransform(image_size, crop_ratio, decode_reduced, truncated, dct)
+    centre = transforms.EvalTransform(image_size, crop_ratio, decode_reduced, truncated, dct)
     return centre if views == "center" else CentreAndMirror(centre)
 
 
@@ -98,10 +105,12 @@ def _closing(iterator: Iterator, batches: Any) -> Generator:
         batches.close()
 
 
-def _decoded(batches: Any, decoder: str, image_size: int, global_batch_size: int) -> Iterator:
+def _decoded(
+    batches: Any, decoder: str, image_size: int, global_batch_size: int, dct: str
+) -> Iterator:
     if decoder == "dali":
         local = parallel.process_batch_size(global_batch_size)
-        return _closing(dali.decode_batches(batches, image_size, local), batches)
+        return _closing(dali.decode_batches(batches, image_size, local, dct=dct), batches)
     return batches
 
 
@@ -125,7 +134,7 @@ def train_host_batches(
         batch_fn=dali.collate if d.decoder == "dali" else None,
         repeated_aug=config.augment.repeated_aug,
     )
-    return _decoded(batches, d.decoder, config.dataset.image_size, global_batch_size)
+    return _decoded(batches, d.decoder, config.dataset.image_size, global_batch_size, d.train_dct)
 
 
 def train_micro_batches(config: ml_collections.ConfigDict, source: Any, start: int) -> Iterator[dict[str, np.ndarray]]:
@@ -160,6 +169,7 @@ def device_eval_batches(
     decoder: str = "cpu",
     image_size: int = 0,
     name: str = "eval_batch_size",
+    dct: str = "accurate",
 ) -> tuple[int, Iterator[dict[str, jax.Array]]]:
     """(number of batches, global device batches) covering `source` once, padded and masked.
 
@@ -169,7 +179,8 @@ def device_eval_batches(
       global_batch_size: a multiple of the mesh's device count (checked; `name` is quoted).
       mesh: the batches are sharded over its `data` axis.
       num_workers: grain worker processes.
-      decoder: "cpu" or "dali" (then `image_size` is DALI's output size).
+      decoder: "cpu" or "dali" (then `image_size` is DALI's output size, and `dct` the IDCT of
+        its CPU fallback for a batch DALI cannot decode).
     """
     parallel.check_batch_size(global_batch_size, mesh, name)
     batches = pipeline.eval_batches(
@@ -181,6 +192,6 @@ def device_eval_batches(
         process_count=jax.process_count(),
         batch_fn=dali.collate if decoder == "dali" else None,
     )
-    batches = _decoded(batches, decoder, image_size, global_batch_size)
+    batches = _decoded(batches, decoder, image_size, global_batch_size, dct)
     num = pipeline.num_eval_batches(len(source), global_batch_size)
     return num, _closing(itertools.islice(parallel.prefetch_to_device(batches, mesh), num), batches)

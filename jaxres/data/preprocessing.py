@@ -15,7 +15,11 @@ pixels than evaluation and the probes saw.
 What it holds: the evaluation side (`dataset.eval_image_size`, or the training
 `image_size`), the crop ratio (resize the shorter side to size / ratio, then
 crop), the channel mean / std applied on the device, the resampling, and the
-decoding keys (`input.decoder`, `input.decode_reduced`, `input.truncated`).
+decoding keys (`input.decoder`, `input.decode_reduced`, `input.truncated`,
+`input.eval_dct`). The IDCT is part of it: "accurate" (the default, also for a run
+saved before the key existed) gives PIL's pixels, so a model imported from timm or
+torchvision is evaluated here on the pixels its published accuracy was measured on;
+`description()` holds it, so a feature cache made with the other IDCT is not reused.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Preprocessing:
       decoder: "cpu" (the grain workers decode) or "dali".
       decode_reduced: JPEGs decoded at 1/2, 1/4, 1/8 size when the crop still covers the output.
       truncated: "keep" or "skip" a truncated JPEG.
+      dct: the JPEG inverse DCT, "accurate" (PIL's pixels) or "fast" (`decode.DCT_METHODS`).
     """
 
     image_size: int
@@ -55,11 +60,18 @@ class Preprocessing:
     decoder: str
     decode_reduced: bool
     truncated: str
+    dct: str
 
     def views_transform(self, views: str = "center") -> Callable[[dict], dict]:
         """The grain map for `views` ("center", "flip" or "10crop"): record -> uint8 views."""
         return loader.view_transform(
-            self.image_size, self.crop_ratio, views, self.decoder, self.decode_reduced, self.truncated
+            self.image_size,
+            self.crop_ratio,
+            views,
+            self.decoder,
+            self.decode_reduced,
+            self.truncated,
+            self.dct,
         )
 
     def device_batches(
@@ -81,6 +93,7 @@ class Preprocessing:
             decoder=self.decoder,
             image_size=self.image_size,
             name=name,
+            dct=self.dct,
         )
 
     def description(self) -> dict[str, Any]:
@@ -114,6 +127,7 @@ def of(config: ml_collections.ConfigDict, image_size: int = 0, crop_ratio: float
         decoder=config.input.decoder,
         decode_reduced=bool(config.input.decode_reduced),
         truncated=config.input.truncated,
+        dct=config.input.eval_dct,
     )
 
 
@@ -125,3 +139,4 @@ def write_into(prep: Preprocessing, config: ml_collections.ConfigDict) -> None:
     d.mean, d.std = prep.mean, prep.std
     i = config.input
     i.decoder, i.decode_reduced, i.truncated = prep.decoder, prep.decode_reduced, prep.truncated
+    i.eval_dct = prep.dct

@@ -6,7 +6,9 @@ computes its crop box on the full-size image, has `decode.decode_for_crop` decod
 only that window at the smallest DCT scale that still covers the output, so the
 last resize always shrinks by less than 2x and is a plain bilinear one (OpenCV),
 as tf.data's (PIL fallback: antialiased bilinear resize). A record that cannot be
-decoded becomes a black, masked example (`decode.skipped`).
+decoded becomes a black, masked example (`decode.skipped`). Training decodes with the
+fast IDCT by default (`dct`, `input.train_dct`), evaluation with the accurate one
+(`input.eval_dct`: PIL's pixels before the resize).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxres.data.decode import Box, check_truncated, decode_for_crop, skipped
+from jaxres.data.decode import Box, check_dct, check_truncated, decode_for_crop, skipped
 from jaxres.data.randaugment import RandAugment
 
 try:  # Fast bilinear resize; optional (PIL fallback).
@@ -133,6 +135,7 @@ class TrainTransform:
         decode_reduced: bool = True,
         truncated: str = "keep",
         randaugment: str = "",
+        dct: str = "fast",
     ):
         self.image_size = image_size
         self.area_range = (min_area, 1.0)
@@ -140,6 +143,7 @@ class TrainTransform:
         self.color_jitter = color_jitter
         self.decode_reduced = decode_reduced
         self.truncated = check_truncated(truncated)
+        self.dct = check_dct(dct, "input.train_dct")
         self.randaugment = RandAugment(randaugment) if randaugment else None
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -153,6 +157,7 @@ class TrainTransform:
                 key,
                 self.decode_reduced,
                 self.truncated,
+                self.dct,
             )
         except Exception as e:  # noqa: BLE001 - any undecodable file is skipped, not fatal.
             return skipped(record, (self.image_size, self.image_size, 3), e)
@@ -179,12 +184,14 @@ class EvalTransform:
         crop_ratio: float = EVAL_CROP_RATIO,
         decode_reduced: bool = True,
         truncated: str = "keep",
+        dct: str = "accurate",
     ):
         self.image_size = image_size
         self.crop_ratio = crop_ratio
         self.resize_size = round(image_size / crop_ratio)
         self.decode_reduced = decode_reduced
         self.truncated = check_truncated(truncated)
+        self.dct = check_dct(dct)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         size = (self.image_size, self.image_size)
@@ -196,6 +203,7 @@ class EvalTransform:
                 record.get("key", "?"),
                 self.decode_reduced,
                 self.truncated,
+                self.dct,
             )
         except Exception as e:  # noqa: BLE001
             return skipped(record, (self.image_size, self.image_size, 3), e)
@@ -217,11 +225,13 @@ class TenCropTransform:
         crop_ratio: float = EVAL_CROP_RATIO,
         decode_reduced: bool = True,
         truncated: str = "keep",
+        dct: str = "accurate",
     ):
         self.image_size = image_size
         self.resize_size = round(image_size / crop_ratio)
         self.decode_reduced = decode_reduced
         self.truncated = check_truncated(truncated)
+        self.dct = check_dct(dct)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         s, r = self.image_size, self.resize_size
@@ -233,6 +243,7 @@ class TenCropTransform:
                 record.get("key", "?"),
                 self.decode_reduced,
                 self.truncated,
+                self.dct,
             )
         except Exception as e:  # noqa: BLE001
             return skipped(record, (10, s, s, 3), e)
