@@ -114,8 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.0  # EMA of params (0 = off); when on, evaluation uses the EMA.
 
     c.log_every_steps = 100
-    # "START:END": trace steps START..END with jax.profiler into WORKDIR/tb (TensorBoard's
-    # Profile tab, Perfetto); "" = off.
+    # "START:END": trace steps START..END with jax.profiler into WORKDIR/plugins/profile
+    # (TensorBoard's Profile tab, Perfetto); "" = off.
     c.profile_steps = ""
     c.checkpoint_every_steps = 1000
     c.eval_every_epochs = 1

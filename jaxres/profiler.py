@@ -1,6 +1,7 @@
 """The profiler window: `config.profile_steps="START:END"` traces those steps with
-`jax.profiler` into `WORKDIR/tb/plugins/profile/<time>/` (TensorBoard's Profile tab reads
-`*.xplane.pb`; `perfetto_trace.json.gz` opens in https://ui.perfetto.dev).
+`jax.profiler` into `WORKDIR/plugins/profile/<time>/`, beside the run's events (`WORKDIR/tb/...`
+for a run started before Dec 2026: `jaxres.dashboard.logdir`). TensorBoard's Profile tab reads
+`*.xplane.pb`; `perfetto_trace.json.gz` opens in https://ui.perfetto.dev.
 """
 
 from __future__ import annotations
