@@ -88,14 +88,16 @@ class EventFile:
             self._write(self._tbx.event_pb2.Event(step=purge_step, session_log=log))
 
     def add_scalar(self, tag: str, value: float, step: int, description: str = "") -> None:
-        """`description` (markdown) shows behind the chart's info icon; TensorBoard reads it from a
-        tag's first event."""
+        """A scalar as TensorFlow 2 writes one (a float tensor of the `scalars` plugin), so that
+        TensorBoard's fast loader keeps `description` (markdown, behind the chart's info icon; read
+        from a tag's first event), which it drops from a TF1 `simple_value`."""
         pb = self._tbx.summary_pb2
-        value = pb.Summary.Value(tag=tag, simple_value=float(value))
-        if description:  # Named as a scalar: readers warn about metadata without a plugin.
-            value.metadata.summary_description = description
-            value.metadata.plugin_data.plugin_name = "scalars"
-        self.add(pb.Summary(value=[value]), step)
+        tensor = self._tbx.tensor_pb2.TensorProto(
+            dtype="DT_FLOAT", float_val=[float(value)], tensor_shape=self._tbx.tensor_shape_pb2.TensorShapeProto()
+        )
+        meta = pb.SummaryMetadata(summary_description=description,
+                                  plugin_data=pb.SummaryMetadata.PluginData(plugin_name="scalars"))  # fmt: skip
+        self.add(pb.Summary(value=[pb.Summary.Value(tag=tag, metadata=meta, tensor=tensor)]), step)
 
     def add_text(self, tag: str, markdown: str, step: int) -> None:
         """A Text-tab entry under exactly `tag` (tensorboardX's `text` appends '/text_summary')."""
@@ -243,14 +245,20 @@ class RunBoard:
     first scalars, at a step after `resume_step`, so the purge of a resumed run covers them too.
     """
 
-    def __init__(self, workdir: str, eval_names: Sequence[str] = ("val",), resume_step: int | None = None,
+    def __init__(self, workdir: str, eval_names: Sequence[str] | None = None, resume_step: int | None = None,
                  rows: Sequence[Mapping[str, Any]] = ()):  # fmt: skip
-        """Args: `rows`: the metrics.jsonl rows already kept (a resumed run's best and constants)."""
-        self.eval_names = tuple(eval_names)
+        """Args:
+          eval_names: the evaluators whose keys `NAME_x` are tagged `NAME/x` (default: those of
+            config.json's `evals`, else `val`).
+          rows: the metrics.jsonl rows already kept (a resumed run's best and constants).
+        """
         self.config = read_config(workdir)
-        self.best_key = (self.config.get("checkpoint") or {}).get("best_metric", "val_top1")
+        self.eval_names = tuple(eval_names or (self.config.get("evals") or {}) or ("val",))
+        checkpoint = self.config.get("checkpoint") or {}  # Before `checkpoint.best_metric`: val_top1.
+        self.best_key = checkpoint.get("best_metric", "val_top1")
         self.best_tag = best_tag(tag_for(self.best_key, self.eval_names))
-        self._better = min if self.best_key.endswith("loss") else max
+        mode = checkpoint.get("best_mode") or ("min" if self.best_key.endswith("loss") else "max")
+        self._better = min if mode == "min" else max
         self._descriptions = descriptions(self.config, self.eval_names)
         self.events = EventFile(logdir(workdir), purge_step=None if resume_step is None else resume_step + 1)
         self._started = False

@@ -113,7 +113,7 @@ class MetricWriter:
         enabled: bool | None = None,
         tensorboard: bool = True,
         resume_step: int | None = None,
-        eval_names: Sequence[str] = ("val",),
+        eval_names: Sequence[str] | None = None,
     ):
         """Opens the writers (process 0 only, unless `enabled` says otherwise).
 
@@ -121,7 +121,8 @@ class MetricWriter:
           resume_step: the step a resumed run restarts from: rows of later steps (logged before
             a crash, to be logged again) are dropped from metrics.jsonl, and TensorBoard
             purges its events after it, so every step appears once.
-          eval_names: the evaluators whose keys `NAME_x` become TensorBoard's `NAME/x`.
+          eval_names: the evaluators whose keys `NAME_x` become TensorBoard's `NAME/x` (default:
+            those of the run's config.json, else `val`).
         """
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = workdir

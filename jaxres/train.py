@@ -27,8 +27,9 @@ import numpy as np
 import optax
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import console, dashboard, device_augment, interrupts, losses, optim, parallel, plots, profiler, profiling, runs
+from jaxres import console, device_augment, interrupts, losses, optim, parallel, plots, profiler, profiling, runs
 from jaxres import metrics as metrics_lib
+from jaxres import dashboard
 from jaxres import state as state_lib
 from jaxres.data import dali, loader, preprocessing, sources
 from jaxres.errors import ConfigError, NonFiniteLossError
