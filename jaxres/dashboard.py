@@ -82,7 +82,9 @@ class EventFile:
     def __init__(self, logdir: str, purge_step: int | None = None, suffix: str | None = None):
         self._tbx = _tensorboardx()
         os.makedirs(logdir, exist_ok=True)
-        self._writer = self._tbx.EventsWriter(os.path.join(logdir, "events"), suffix or f".{os.getpid()}")
+        self._writer = self._tbx.EventsWriter(
+            os.path.join(logdir, "events"), suffix or f".{os.getpid()}"
+        )
         if purge_step is not None:
             log = self._tbx.event_pb2.SessionLog(status=self._tbx.event_pb2.SessionLog.START)
             self._write(self._tbx.event_pb2.Event(step=purge_step, session_log=log))
@@ -93,7 +95,9 @@ class EventFile:
         from a tag's first event), which it drops from a TF1 `simple_value`."""
         pb = self._tbx.summary_pb2
         tensor = self._tbx.tensor_pb2.TensorProto(
-            dtype="DT_FLOAT", float_val=[float(value)], tensor_shape=self._tbx.tensor_shape_pb2.TensorShapeProto()
+            dtype="DT_FLOAT",
+            float_val=[float(value)],
+            tensor_shape=self._tbx.tensor_shape_pb2.TensorShapeProto(),
         )
         meta = pb.SummaryMetadata(summary_description=description,
                                   plugin_data=pb.SummaryMetadata.PluginData(plugin_name="scalars"))  # fmt: skip
@@ -103,8 +107,12 @@ class EventFile:
         """A Text-tab entry under exactly `tag` (tensorboardX's `text` appends '/text_summary')."""
         pb, tensor = self._tbx.summary_pb2, self._tbx.tensor_pb2
         plugin = pb.SummaryMetadata.PluginData(plugin_name="text")
-        shape = self._tbx.tensor_shape_pb2.TensorShapeProto(dim=[self._tbx.tensor_shape_pb2.TensorShapeProto.Dim(size=1)])
-        value = tensor.TensorProto(dtype="DT_STRING", string_val=[markdown.encode()], tensor_shape=shape)
+        shape = self._tbx.tensor_shape_pb2.TensorShapeProto(
+            dim=[self._tbx.tensor_shape_pb2.TensorShapeProto.Dim(size=1)]
+        )
+        value = tensor.TensorProto(
+            dtype="DT_STRING", string_val=[markdown.encode()], tensor_shape=shape
+        )
         meta = pb.SummaryMetadata(plugin_data=plugin)
         self.add(pb.Summary(value=[pb.Summary.Value(tag=tag, metadata=meta, tensor=value)]), step)
 
@@ -119,7 +127,12 @@ class EventFile:
         image = self._tbx.summary_pb2.Summary.Image(
             height=height, width=width, colorspace=channels, encoded_image_string=data
         )
-        self.add(self._tbx.summary_pb2.Summary(value=[self._tbx.summary_pb2.Summary.Value(tag=tag, image=image)]), step)
+        self.add(
+            self._tbx.summary_pb2.Summary(
+                value=[self._tbx.summary_pb2.Summary.Value(tag=tag, image=image)]
+            ),
+            step,
+        )
 
     def add_hparams(self, hparams: Mapping[str, Any], step: int) -> None:
         """The HParams tab's session start (its columns are inferred across the runs opened, so
@@ -152,7 +165,7 @@ def tag_for(key: str, eval_names: Sequence[str] = ("val",)) -> str:
         if key == f"{name}_eval_s":
             return f"time/{key}"
         if key.startswith(f"{name}_"):
-            return f"{name}/{key[len(name) + 1:]}"
+            return f"{name}/{key[len(name) + 1 :]}"
     if key in TIMING_KEYS or key in ("img_per_sec", "eta_s"):
         return f"time/{key}"
     return f"train/{key}"
@@ -247,24 +260,31 @@ class RunBoard:
 
     def __init__(self, workdir: str, eval_names: Sequence[str] | None = None, resume_step: int | None = None,
                  rows: Sequence[Mapping[str, Any]] = ()):  # fmt: skip
-        """Args:
+        """Opens the run's event file (written from the first `write` on).
+
+        Args:
           eval_names: the evaluators whose keys `NAME_x` are tagged `NAME/x` (default: those of
             config.json's `evals`, else `val`).
           rows: the metrics.jsonl rows already kept (a resumed run's best and constants).
         """
         self.config = read_config(workdir)
         self.eval_names = tuple(eval_names or (self.config.get("evals") or {}) or ("val",))
-        checkpoint = self.config.get("checkpoint") or {}  # Before `checkpoint.best_metric`: val_top1.
+        # Runs from before `checkpoint.best_metric` / `best_mode` kept the highest val_top1.
+        checkpoint = self.config.get("checkpoint") or {}
         self.best_key = checkpoint.get("best_metric", "val_top1")
         self.best_tag = best_tag(tag_for(self.best_key, self.eval_names))
         mode = checkpoint.get("best_mode") or ("min" if self.best_key.endswith("loss") else "max")
         self._better = min if mode == "min" else max
         self._descriptions = descriptions(self.config, self.eval_names)
-        self.events = EventFile(logdir(workdir), purge_step=None if resume_step is None else resume_step + 1)
+        self.events = EventFile(
+            logdir(workdir), purge_step=None if resume_step is None else resume_step + 1
+        )
         self._started = False
         self._tags_at: tuple[int, set[str]] = (-1, set())  # Tags written at one step.
         self._described: set[str] = set()
-        self._constant: dict[str, tuple[Any, int]] = {}  # Tag -> (value, last step) while unchanged.
+        self._constant: dict[
+            str, tuple[Any, int]
+        ] = {}  # Tag -> (value, last step) while unchanged.
         self._plotted: set[str] = set()  # Constant-prone tags that changed: plotted from then on.
         self._last: dict[str, Any] = {}  # Tag -> last value: the summary.
         self.best: tuple[float, int] | None = None
@@ -285,7 +305,12 @@ class RunBoard:
         for key, value in row.items():
             tag = tag_for(key, self.eval_names)
             # Once per step: a log step and an evaluation at one step both carry `epoch`.
-            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)) or tag in written:
+            if (
+                key == "step"
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or tag in written
+            ):
                 continue
             written.add(tag)
             self._last[tag] = (value, step)
@@ -321,17 +346,23 @@ class RunBoard:
         if self.config:
             flat = flatten(self.config)
             self.events.add_hparams(flat, step)
-            self.events.add_text("run/config", markdown_table(sorted(flat.items()), ("key", "value")), step)
+            self.events.add_text(
+                "run/config", markdown_table(sorted(flat.items()), ("key", "value")), step
+            )
 
     def notes(self) -> str:
         """What the charts mean, where they are easy to misread."""
         lines = [f"* **{tag}**: {text}" for tag, text in self._descriptions.items()]
         lines += [
             f"* **{self.best_tag}**: the best `{self.best_key}` so far (the checkpoint kept as best).",
-            "* Constant series (`*/count`, `train/skipped` while 0) are not plotted: run/summary "
-            "lists them; one that changes is plotted from its last constant value on.",
-            "* Custom Scalars: train and evaluation of one quantity on one chart. HParams: the "
-            "resolved config of every run opened, with the last value of each scalar.",
+            (
+                "* Constant series (`*/count`, `train/skipped` while 0) are not plotted: run/summary "
+                "lists them; one that changes is plotted from its last constant value on."
+            ),
+            (
+                "* Custom Scalars: train and evaluation of one quantity on one chart. HParams: the "
+                "resolved config of every run opened, with the last value of each scalar."
+            ),
         ]
         return "\n".join(lines)
 
@@ -340,9 +371,13 @@ class RunBoard:
         rows = [(tag, value, step) for tag, (value, step) in sorted(self._last.items())]
         text = markdown_table(rows, ("tag", "last value", "at step"))
         if self.best is not None:
-            text = f"Best `{self.best_key}`: **{self.best[0]:.6g}** at step {self.best[1]}.\n\n" + text
+            text = (
+                f"Best `{self.best_key}`: **{self.best[0]:.6g}** at step {self.best[1]}.\n\n" + text
+            )
         if self._constant:
-            constants = ", ".join(f"`{tag}` = {value}" for tag, (value, _) in sorted(self._constant.items()))
+            constants = ", ".join(
+                f"`{tag}` = {value}" for tag, (value, _) in sorted(self._constant.items())
+            )
             text += f"\n\nConstant at every step logged (not plotted): {constants}."
         return text
 
@@ -403,12 +438,16 @@ def log_evaluation(results: Mapping[str, Any]) -> str | None:
     scalars = {f"evaluate/{kind}/{k}": results[k] for k in keys if k in results}
     rows = [(k, results[k]) for k in (*keys, "count") if k in results]
     rows += [("member", f"{m['run']} step {m['step']} ({m['model']})") for m in members]
-    text = f"{results['dataset']} `{results['split']}`, {views}:\n\n" + markdown_table(rows, ("", kind))
+    text = f"{results['dataset']} `{results['split']}`, {views}:\n\n" + markdown_table(
+        rows, ("", kind)
+    )
     return log_results(members[0]["run"], f"evaluate-{kind}", members[0]["step"], scalars,
                        {f"evaluate/{kind}": text})  # fmt: skip
 
 
-def log_probe(results: Mapping[str, Any], table: str, confusion_png: str | None = None) -> str | None:
+def log_probe(
+    results: Mapping[str, Any], table: str, confusion_png: str | None = None
+) -> str | None:
     """A protocol's results (`jaxres.transfer.report.results_dict`) -> the backbone run's
     TensorBoard: `probe/<dataset>/<probe>_<N>shot/{top1,mean_per_class}` (means over trials; N
     `all` for every image), the printed table as text, the confusion matrix as an image."""

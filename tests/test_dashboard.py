@@ -20,10 +20,10 @@ from jaxres.transfer import runner
 
 pea = pytest.importorskip("tensorboard.backend.event_processing.plugin_event_accumulator",
                           reason="tensorboard is not installed (make venv-full installs it)")  # fmt: skip
-from tensorboard.backend.event_processing import plugin_event_multiplexer  # noqa: E402
-from tensorboard.plugins.custom_scalar import layout_pb2  # noqa: E402
-from tensorboard.plugins.hparams import metadata as hparams_metadata  # noqa: E402
-from tensorboard.util import tensor_util  # noqa: E402
+from tensorboard.backend.event_processing import plugin_event_multiplexer
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.util import tensor_util
 
 TRAINING_TAGS = {
     "train/loss", "train/top1", "train/grad_norm", "train/lr", "train/epoch",
@@ -52,7 +52,9 @@ def demo_run(tmp_path_factory):
         probe.protocol.per_class, probe.protocol.trials = "2", 1
         runner.run_protocol(probe, str(tmp_path_factory.mktemp("probe")))
         grid = str(root / "predictions.png")
-        predict.draw_grid(predict.predict(workdir, [os.path.join(data_dir, "digits", "val", "7")]), grid)
+        predict.draw_grid(
+            predict.predict(workdir, [os.path.join(data_dir, "digits", "val", "7")]), grid
+        )
         predict.log_grid(workdir, "latest", grid)
     accumulator = pea.EventAccumulator(workdir, size_guidance={pea.TENSORS: 0})
     accumulator.Reload()
@@ -60,7 +62,9 @@ def demo_run(tmp_path_factory):
 
 
 def _series(accumulator, tag: str) -> list[tuple[int, float]]:
-    return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)]
+    return [
+        (e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)
+    ]
 
 
 def test_tags_are_grouped_each_once_per_step_and_constants_not_plotted(demo_run):
@@ -68,7 +72,11 @@ def test_tags_are_grouped_each_once_per_step_and_constants_not_plotted(demo_run)
     scalars = set(acc.PluginTagToContent("scalars"))
     assert TRAINING_TAGS <= scalars
     results = scalars - TRAINING_TAGS
-    assert {"evaluate/center/top1", "evaluate/10crop/top1", "probe/digits/ridge_2shot/top1"} <= results
+    assert {
+        "evaluate/center/top1",
+        "evaluate/10crop/top1",
+        "probe/digits/ridge_2shot/top1",
+    } <= results
     assert all(re.match(r"^(evaluate|probe)/", t) for t in results), results
     assert "val/count" not in scalars and "train/skipped" not in scalars  # Constant: run/summary.
     for tag in scalars:
@@ -102,10 +110,20 @@ def test_config_as_hparams_and_text_notes_and_summary(demo_run):
     assert hparams["loss.label_smoothing"].number_value == pytest.approx(0.1)
     texts = {t: tensor_util.make_ndarray(acc.Tensors(t)[-1].tensor_proto).item().decode()
              for t in acc.PluginTagToContent("text")}  # fmt: skip
-    assert {"run/config", "run/notes", "run/summary", "evaluate/center", "evaluate/10crop", "probe/digits"} <= set(texts)
+    assert {
+        "run/config",
+        "run/notes",
+        "run/summary",
+        "evaluate/center",
+        "evaluate/10crop",
+        "probe/digits",
+    } <= set(texts)
     assert "| model.name | resnetv2_tiny |" in texts["run/config"]
     assert "without label smoothing" in texts["run/notes"] and "sgemm" in texts["run/notes"]
-    assert "`val/count` = 100" in texts["run/summary"] and "`train/skipped` = 0" in texts["run/summary"]
+    assert (
+        "`val/count` = 100" in texts["run/summary"]
+        and "`train/skipped` = 0" in texts["run/summary"]
+    )
     assert "ridge" in texts["probe/digits"]
     for tag in ("run/config", "run/notes", "run/summary"):  # The second call logged nothing new.
         assert len(acc.Tensors(tag)) == 1
@@ -116,7 +134,7 @@ def test_train_and_val_share_charts_in_the_custom_scalars_layout(demo_run):
     [event] = acc.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    loss = [c for title, c in charts.items() if title.startswith("loss")][0]
+    loss = next(c for title, c in charts.items() if title.startswith("loss"))
     assert all(any(re.search(r, t) for r in loss) for t in ("train/loss", "val/loss"))
 
 
@@ -133,15 +151,19 @@ def test_pictures_are_images(demo_run):
         with Image.open(io.BytesIO(png)) as im:
             assert (im.width, im.height) == (int(width), int(height))
     with open(os.path.join(workdir, "curves.png"), "rb") as f:
-        assert tensor_util.make_ndarray(acc.Tensors("pictures/curves")[0].tensor_proto)[2] == f.read()
+        assert (
+            tensor_util.make_ndarray(acc.Tensors("pictures/curves")[0].tensor_proto)[2] == f.read()
+        )
 
 
 def test_tags_of_evaluators_timing_and_few_shot_keys():
     names = ("val", "minival")
-    assert [dashboard.tag_for(k, names) for k in ("loss", "lr", "mfu", "img_per_sec", "val_top1", "minival_loss",
-            "minival_eval_s", "val_eval_s", "fewshot/digits/5shot")] == [  # fmt: skip
-        "train/loss", "train/lr", "time/mfu", "time/img_per_sec", "val/top1", "minival/loss",
-        "time/minival_eval_s", "time/val_eval_s", "fewshot/digits/5shot"]  # fmt: skip
+    expected = {
+        "loss": "train/loss", "lr": "train/lr", "mfu": "time/mfu", "img_per_sec": "time/img_per_sec",
+        "val_top1": "val/top1", "minival_loss": "minival/loss", "minival_eval_s": "time/minival_eval_s",
+        "val_eval_s": "time/val_eval_s", "fewshot/digits/5shot": "fewshot/digits/5shot",
+    }  # fmt: skip
+    assert {key: dashboard.tag_for(key, names) for key in expected} == expected
 
 
 def test_a_constant_series_is_plotted_once_it_changes_and_old_runs_keep_tb(tmp_path):
