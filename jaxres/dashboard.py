@@ -37,6 +37,7 @@ EVENTS_GLOB = "events.out.tfevents.*"
 # undecodable images of a step): plotted only once they change; the summary text holds them.
 CONSTANT_TAGS = re.compile(r"^(train/skipped|[^/]+/count)$")
 IMAGE_GROUP = "pictures"
+_OPENED: dict[tuple[str, str], int] = {}  # (folder, file-name suffix) -> the second it was opened.
 
 
 def _tensorboardx() -> Any:
@@ -82,9 +83,13 @@ class EventFile:
     def __init__(self, logdir: str, purge_step: int | None = None, suffix: str | None = None):
         self._tbx = _tensorboardx()
         os.makedirs(logdir, exist_ok=True)
-        self._writer = self._tbx.EventsWriter(
-            os.path.join(logdir, "events"), suffix or f".{os.getpid()}"
-        )
+        suffix = suffix or f".{os.getpid()}"
+        # The name holds the second it was opened: a second file of this process in the same
+        # second (a run resumed in-process) would truncate the first one.
+        if _OPENED.get((logdir, suffix)) == int(time.time()):
+            time.sleep(1.0 - time.time() % 1.0)
+        _OPENED[(logdir, suffix)] = int(time.time())
+        self._writer = self._tbx.EventsWriter(os.path.join(logdir, "events"), suffix)
         if purge_step is not None:
             log = self._tbx.event_pb2.SessionLog(status=self._tbx.event_pb2.SessionLog.START)
             self._write(self._tbx.event_pb2.Event(step=purge_step, session_log=log))

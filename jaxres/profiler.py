@@ -74,7 +74,7 @@ class ProfileWindow:
         where = traces[-1] if traces else self.logdir
         last = f"..{step}" if step is not None and step != self.first else ""
         log_line(
-            f"Profiled step {self.first}{last}: {where} (TensorBoard: pip install tensorboard "
-            f"tensorboard-plugin-profile; tensorboard --logdir {self.logdir}, Profile tab. Perfetto: "
+            f"Profiled step {self.first}{last}: {where} (TensorBoard: pip install -e '.[tensorboard]'; "
+            f"tensorboard --logdir {self.logdir}, Profile tab. Perfetto: "
             "open its perfetto_trace.json.gz in https://ui.perfetto.dev)."
         )

@@ -179,3 +179,35 @@ def test_a_constant_series_is_plotted_once_it_changes_and_old_runs_keep_tb(tmp_p
     acc.Reload()
     assert _series(acc, "train/skipped") == [(4, 0.0), (6, 1.5), (8, 0.0)]
     assert np.isclose(_series(acc, "train/loss")[0][1], 1.0)
+
+
+def test_a_resumed_run_shows_each_step_once_and_keeps_its_best(tmp_path):
+    """Killed after step 12 (not closed), resumed from the checkpoint of step 8: TensorBoard drops
+    the first session's steps 10 and 12, and the best so far carries over from metrics.jsonl."""
+    first = metrics_lib.MetricWriter(str(tmp_path), enabled=True, resume_step=0)
+    for step in (2, 4, 6, 8, 10, 12):
+        first.write(
+            step, {"loss": 10.0 - step} | ({"val_top1": 0.9 - step / 100} if step % 4 == 0 else {})
+        )
+    second = metrics_lib.MetricWriter(str(tmp_path), enabled=True, resume_step=8)
+    for step in (10, 12, 14, 16):
+        second.write(step, {"loss": 20.0 - step} | ({"val_top1": 0.5} if step % 4 == 0 else {}))
+    second.close()
+    acc = pea.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert _series(acc, "train/loss") == [
+        (2, 8.0),
+        (4, 6.0),
+        (6, 4.0),
+        (8, 2.0),
+        (10, 10.0),
+        (12, 8.0),
+        (14, 6.0),
+        (16, 4.0),
+    ]
+    assert np.allclose(
+        _series(acc, "val/best_top1"), [(4, 0.86), (8, 0.86), (12, 0.86), (16, 0.86)]
+    )
+    assert [e.step for e in acc.Tensors("run/notes")] == [2, 10] and [
+        e.step for e in acc.Tensors("run/summary")
+    ] == [16]
