@@ -5,7 +5,7 @@
 
 Starts from `init_from`'s params and batch stats (jaxres.state: a head of
 another shape, or any head with `init_fresh_head`, is re-initialised). For the
-first `optimizer.head_only_steps` steps only the head trains (the body's
+first `optimizer.head_only` steps only the head trains (the body's
 updates are zero and its optimizer state untouched); then every layer trains,
 the body with its own warmup + cosine over the remaining steps.
 
@@ -49,10 +49,10 @@ def get_config(arg: str = "digits"):
         c.dataset.train_limit = 200  # Few labels: where starting from a trained model pays.
         c.num_epochs = 15  # 200 // 32 = 6 steps per epoch -> 90 steps.
         c.optimizer.base_lr = 0.1  # 4x below the demo's 0.4.
-        c.optimizer.warmup_epochs = 1.0
-        c.optimizer.head_only_steps = 15
-        c.eval_every_epochs = 5
-        c.checkpoint_every_steps = 15
+        c.optimizer.warmup = "1ep"
+        c.optimizer.head_only = "15"
+        c.evals.val.every = "5ep"
+        c.checkpoint.every = "15"
     elif arg == "r50":
         c = base_config()
         c.model.name = "resnetv2_50"
@@ -61,16 +61,16 @@ def get_config(arg: str = "digits"):
         c.num_epochs = 20
         c.dataset.name = "imagefolder"
         c.optimizer.base_lr = 0.01
-        c.optimizer.warmup_epochs = 1.0
+        c.optimizer.warmup = "1ep"
         c.loss.label_smoothing = 0.0
         c.optimizer.weight_decay = 0.0  # Short schedule from good weights (BiT-HyperRule style).
-        c.optimizer.head_only_steps = 84  # About one epoch of 5,360 images.
-        c.log_every_steps = 20
+        c.optimizer.head_only = "84"  # About one epoch of 5,360 images.
+        c.log_every = "20"
     elif arg == "probe":
         c = get_config("digits")
         c.init_from = "runs/demo_probe"
         c.init_fresh_head = False  # The probe is the head.
-        c.optimizer.head_only_steps = 0
+        c.optimizer.head_only = "0"
         return c
     else:
         raise ValueError(f"configs/finetune.py:{arg}: use 'digits', 'probe' or 'r50'.")

@@ -22,7 +22,7 @@ def get_config(arg: str = "4096"):
     c.optimizer.name = "lars"
     c.optimizer.base_lr = 10.0 * 256 / 4096  # Peak 10 at batch 4096.
     c.optimizer.nesterov = False
-    c.optimizer.warmup_epochs = 5.0
-    c.checkpoint_every_steps = 500
-    c.log_every_steps = 50
+    c.optimizer.warmup = "5ep"
+    c.checkpoint.every = "500"
+    c.log_every = "50"
     return c

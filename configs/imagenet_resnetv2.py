@@ -31,5 +31,5 @@ def get_config(arg: str = "50"):
         c.num_epochs = 1
         c.dataset.train_limit = 640
         c.dataset.val_limit = 100
-        c.log_every_steps = 5
+        c.log_every = "5"
     return c

@@ -69,7 +69,7 @@ def get_config(arg: str = "a1"):
     c.optimizer.base_lr = r["lr"] * 256 / BATCH_SIZE  # base_lr is per 256 images.
     c.optimizer.weight_decay = r["wd"]
     c.optimizer.grad_clip_norm = 1.0  # timm's Lamb clips at global norm 1 by default.
-    c.optimizer.warmup_epochs = 5.0
+    c.optimizer.warmup = "5ep"
     c.optimizer.schedule = "cosine"
     c.loss.label_smoothing = r["smoothing"]
     c.loss.name = "bce"
@@ -81,5 +81,5 @@ def get_config(arg: str = "a1"):
         c.num_steps = 20
         c.dataset.train_limit = 640
         c.dataset.val_limit = 100
-        c.log_every_steps = 5
+        c.log_every = "5"
     return c

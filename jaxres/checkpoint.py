@@ -17,8 +17,10 @@ Where a run's starting point comes from, in this order (as big_vision does;
 Reading a run at rest (its config, model and weights) is `jaxres.runs`.
 
 Two preservation policies are OR-ed: the latest `keep_latest` checkpoints and
-the best `keep_best` by `val_top1`, so a good old checkpoint never deletes the
-newest one (the pitfall of `best_fn` + `max_to_keep`).
+the best `keep_best` by `checkpoint.best_metric` (any evaluator's key, default
+`val_top1`, "max" or "min" better), so a good old checkpoint never deletes the
+newest one (the pitfall of `best_fn` + `max_to_keep`). Each step's meta records
+the metric and its mode, so `--checkpoint best` picks by the run's own choice.
 
 Faults. orbax writes a step into a temporary directory and renames it when
 complete, so a save cut short (kill -9, a full disk) never counts as a step. A
@@ -54,7 +56,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from jaxres.errors import CheckpointError
 from jaxres.console import log_line
 
-BEST_METRIC = "val_top1"
+BEST_METRIC = "val_top1"  # What "best" means in runs written before `checkpoint.best_metric`.
 # What tensorstore / orbax say when a checkpoint's files are damaged or missing (not a mismatch).
 _DAMAGE_MARKERS = ("TensorStore", "tensorstore", "OCDBT", "DATA_LOSS", "NOT_FOUND", "does not exist")
 
@@ -178,13 +180,23 @@ def _type_handlers() -> Any:
 class Checkpointer:
     """Saves and restores `TrainState`s under `directory` (a run's `checkpoints/`)."""
 
-    def __init__(self, directory: str, keep_latest: int = 2, keep_best: int = 1, read_only: bool = False):
+    def __init__(
+        self,
+        directory: str,
+        keep_latest: int = 2,
+        keep_best: int = 1,
+        read_only: bool = False,
+        best_metric: str = BEST_METRIC,
+        best_mode: str = "max",
+    ):
         self.directory = os.path.abspath(directory)
+        self.best = {"metric": best_metric, "mode": best_mode}
+        sign = 1.0 if best_mode == "max" else -1.0
         preservation = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=keep_latest),
                 policies.BestN(
-                    get_metric_fn=lambda m: m[BEST_METRIC],
+                    get_metric_fn=lambda m: sign * m[best_metric],
                     n=keep_best,
                     keep_checkpoints_without_metrics=False,
                 ),
@@ -244,27 +256,33 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def best_step(self) -> int | None:
-        """The intact kept step with the highest `val_top1` (None when no step has one)."""
+        """The intact kept step best by the metric its meta names (`val_top1` in older runs; None
+        when no step has the metric)."""
         best, best_value = None, None
         for step in self.all_steps():
             try:
                 self.check_intact(step)
+                meta = self.restore_meta(step)
             except CheckpointDamaged as e:
                 log_line(f"Warning: checkpoint {e}; skipped.")
                 continue
-            value = self.restore_meta(step).get("metrics", {}).get(BEST_METRIC)
-            if value is not None and (best_value is None or value > best_value):
+            choice = meta.get("best", {"metric": BEST_METRIC, "mode": "max"})
+            value = meta.get("metrics", {}).get(choice["metric"])
+            if value is None:
+                continue
+            value = value if choice["mode"] == "max" else -value
+            if best_value is None or value > best_value:
                 best, best_value = step, value
         return best
 
     def save(self, step: int, state: Any, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
-        """Starts an asynchronous save; `metrics` (with `val_top1`) feed best-N."""
-        meta = dict(meta, metrics=metrics or {})
+        """Starts an asynchronous save; `metrics` (with the best metric) feed best-N."""
+        meta = dict(meta, metrics=metrics or {}, best=self.best)
         with self._writing(step):
             self._manager.save(
                 step,
                 args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
-                metrics=metrics if metrics and BEST_METRIC in metrics else None,
+                metrics=metrics if metrics and self.best["metric"] in metrics else None,
                 force=True,
             )
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from absl import flags
 from absl import logging as absl_logging
 
-from jaxres.config_base import CACHE_DIR, MOVED_KEYS
+from jaxres.config_base import CACHE_DIR, MOVED_KEYS, moved_value
 from jaxres.errors import JaxresError
 
 # Executables that compiled faster than this are not worth a disk entry.
@@ -86,15 +86,19 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def moved_config_keys(argv: list[str]) -> list[str]:
     """`argv` with each `--config.OLD` key that moved (`config_base.MOVED_KEYS`) spelled at its
-    new place, saying so on stderr: command lines written before the move still run."""
-    out = []
-    for arg in argv:
+    new place (a number of steps or epochs as a period), saying so on stderr: command lines
+    written before the move still run."""
+    out, args = [], iter(argv)
+    for arg in args:
         flag, sep, value = arg.partition("=")
         old = flag[len("--config.") :] if flag.startswith("--config.") else ""
         if old in MOVED_KEYS:
             new = MOVED_KEYS[old]
-            print(f"jaxres: config.{old} is now config.{new}; read as --config.{new}.", file=sys.stderr)
-            arg = f"--config.{new}{sep}{value}"
+            if not sep:  # "--config.KEY VALUE": the value is the next argument.
+                value = next(args, "")
+            value = moved_value(old, value)
+            print(f"jaxres: config.{old} is now config.{new}; read as --config.{new}={value}.", file=sys.stderr)
+            arg = f"--config.{new}={value}"
         out.append(arg)
     return out
 

@@ -104,23 +104,34 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.nesterov = True
     c.optimizer.weight_decay = 5e-5  # On kernels only, not on norms or biases.
     c.optimizer.schedule = "cosine"  # cosine | step | constant, after linear warmup.
-    c.optimizer.warmup_epochs = 5.0
+    c.optimizer.warmup = "5ep"  # Linear warm-up length, a period (jaxres/periods.py): "5ep", "500".
     c.optimizer.decay_epochs = (30, 60, 80)  # For schedule="step".
     c.optimizer.decay_factor = 0.1
     c.optimizer.grad_clip_norm = 0.0  # 0 = off.
-    # Fine-tuning: only the head trains for this many steps, then every layer (0 = off).
-    c.optimizer.head_only_steps = 0
+    # Fine-tuning: only the head trains for this long (a period: "84", "1ep"), then every layer.
+    c.optimizer.head_only = "0"
 
     c.ema_decay = 0.0  # EMA of params (0 = off); when on, evaluation uses the EMA.
 
-    c.log_every_steps = 100
+    # Periods (jaxres/periods.py): "500" steps, "2ep" epochs, "50000ex" training examples.
+    c.log_every = "100"
     # "START:END": trace steps START..END with jax.profiler into WORKDIR/plugins/profile
     # (TensorBoard's Profile tab, Perfetto); "" = off.
     c.profile_steps = ""
-    c.checkpoint_every_steps = 1000
-    c.eval_every_epochs = 1
-    c.keep_latest = 2
-    c.keep_best = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = "1000"  # Also saved at every epoch's end and when `best_metric` is evaluated.
+    c.checkpoint.keep_latest = 2
+    c.checkpoint.keep_best = 1
+    # Any evaluator's logged key ("val_top1", "fewshot/digits/5shot", ...); "max" or "min" is better.
+    # Kept in each checkpoint's meta; `--checkpoint best` picks by it.
+    c.checkpoint.best_metric = "val_top1"
+    c.checkpoint.best_mode = "max"
+
+    # Evaluators run during training (jaxres/evaluators.py), each on its own period; add more in a
+    # config file, e.g. `c.evals.fewshot = fewshot_eval("digits", every="1ep")`.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.val = classification_eval(every="1ep")  # dataset.val_split, centre crop.
     # Another run's whole state (params, optimizer, step, data position): "RUN" or "RUN:STEP"
     # (STEP: latest | best | a number), to resume or branch a run in a new workdir.
     c.resume_from = ""
@@ -130,7 +141,67 @@ def base_config() -> ml_collections.ConfigDict:
     # model's `overrides` are open (any ResNet field).
     c.lock()
     c.model.overrides.unlock()
+    c.evals.unlock()  # Evaluators are named by the config; each one's keys stay checked.
+    for evaluator in c.evals.values():
+        evaluator.lock()
     return c
+
+
+EVAL_TYPES = ("classification", "fewshot", "linear_probe")
+
+
+def classification_eval(
+    every: str = "1ep", split: str = "", dataset: str = "", data_dir: str = "", views: str = "center"
+) -> ml_collections.ConfigDict:
+    """An evaluator of top-1 / top-5 / mean per-class / loss on a split, logged as NAME_top1, ...
+
+    Args:
+      every: its period (jaxres/periods.py); it also runs at the last step.
+      split: "" = `dataset.val_split` of the training dataset.
+      dataset / data_dir: another prepared dataset with the same classes (ImageNet-V2, an image
+        folder); "" = the training dataset (whose `val_limit` then applies).
+      views: "center" or "10crop" (averaged probabilities).
+    """
+    e = ml_collections.ConfigDict()
+    e.type = "classification"
+    e.every, e.split, e.dataset, e.data_dir, e.views = every, split, dataset, data_dir, views
+    e.lock()
+    return e
+
+
+def fewshot_eval(
+    datasets: str = "digits", every: str = "1ep", shots: str = "1,5,10,25", trials: int = 3,
+    layer: str = "pre_logits", data_dir: str = "",
+) -> ml_collections.ConfigDict:  # fmt: skip
+    """An evaluator of few-shot ridge probes on a layer's features, logged as NAME/DATASET/Kshot.
+
+    The draws, seeds and penalty choice are `configs/transfer/fewshot.py`'s
+    (`config_transfer.fewshot_config`), so its last value equals what
+    `scripts/linear_probe.py --config configs/transfer/fewshot.py:DATASET --config.probe.methods=ridge`
+    reports for that checkpoint.
+
+    Args:
+      datasets: comma-separated: "digits" (embedded), caltech101, caltech256, indoor67, a tfds name
+        with train / test splits, or "imagefolder" (`data_dir`/train, `data_dir`/test).
+      shots / trials: train images per class (comma-separated) and seeded draws of each.
+      data_dir: where the datasets are prepared ("" = the training dataset's `data_dir`; the
+        embedded digits, probed from another dataset, are written to the cache directory).
+    """
+    e = ml_collections.ConfigDict()
+    e.type = "fewshot"
+    e.every, e.datasets, e.shots, e.trials, e.layer, e.data_dir = every, datasets, shots, trials, layer, data_dir
+    e.lock()
+    return e
+
+
+def linear_probe_eval(protocol: str, every: str = "10ep", data_dir: str = "") -> ml_collections.ConfigDict:
+    """An evaluator running a whole transfer protocol (a configs/transfer file, "PATH[:ARG]"), logged
+    as NAME/METHOD/N (mean top-1 over its trials); slower than `fewshot_eval`, so rarer."""
+    e = ml_collections.ConfigDict()
+    e.type = "linear_probe"
+    e.every, e.protocol, e.data_dir = every, protocol, data_dir
+    e.lock()
+    return e
 
 
 # Keys that moved to the section of their concern: old key -> new key. Saved runs' config.json
@@ -148,15 +219,50 @@ MOVED_KEYS = {
     "optimizer.loss": "loss.name",
     "optimizer.label_smoothing": "loss.label_smoothing",
     "optimizer.bce_threshold": "loss.bce_threshold",
+    "log_every_steps": "log_every",
+    "checkpoint_every_steps": "checkpoint.every",
+    "keep_latest": "checkpoint.keep_latest",
+    "keep_best": "checkpoint.keep_best",
+    "eval_every_epochs": "evals.val.every",
+    "optimizer.warmup_epochs": "optimizer.warmup",
+    "optimizer.head_only_steps": "optimizer.head_only",
 }
+# Old numeric keys whose new key is a period (jaxres/periods.py): the unit the old number was in.
+MOVED_PERIODS = {
+    "log_every_steps": "steps",
+    "checkpoint_every_steps": "steps",
+    "eval_every_epochs": "epochs",
+    "optimizer.warmup_epochs": "epochs",
+    "optimizer.head_only_steps": "steps",
+}
+
+
+def moved_value(old: str, value: Any) -> Any:
+    """An old key's value as its new key takes it: a number of steps or epochs becomes a period."""
+    if old not in MOVED_PERIODS:
+        return value
+    from jaxres.periods import spelled  # Lazy: config files import this module alone.
+
+    try:
+        return spelled(float(value), MOVED_PERIODS[old])
+    except ValueError:  # Not a number: the new key's own check names it.
+        return value
 
 
 def upgrade_keys(saved: dict[str, Any]) -> dict[str, Any]:
     """A config dict written before keys moved (`MOVED_KEYS`), with each value at its new key."""
     saved = copy.deepcopy(saved)
     for old, new in MOVED_KEYS.items():
-        section, key = old.split(".")
-        if isinstance(saved.get(section), dict) and key in saved[section]:
-            new_section, new_key = new.split(".")
-            saved.setdefault(new_section, {}).setdefault(new_key, saved[section].pop(key))
+        *parents, key = old.split(".")
+        section = saved
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or key not in section:
+            continue
+        value = moved_value(old, section.pop(key))
+        *new_parents, new_key = new.split(".")
+        target = saved
+        for parent in new_parents:
+            target = target.setdefault(parent, {})
+        target.setdefault(new_key, value)
     return saved

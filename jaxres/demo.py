@@ -57,17 +57,17 @@ def demo_probe(
     Returns:
       One row: what, top1, mean_per_class, count (val images), train, l2, l2_source.
     """
-    from jaxres.config_transfer import base_transfer_config
+    from jaxres import config_transfer
     from jaxres.transfer import export, features, probe, runner
 
-    config = base_transfer_config()
+    config = config_transfer.base_transfer_config()
     config.dataset = runs.read_config(workdir).dataset
     if data_dir:
         config.dataset.data_dir = data_dir
     member = runs.load(workdir, checkpoint)
     extractor = features.FeatureExtractor(member)
     (train_x, train_y), (test_x, test_y), names = runner.load_data(
-        config, extractor, os.path.join(workdir, "features")
+        config, config_transfer.lists(config), extractor, os.path.join(workdir, "features")
     )
     row, _, fitted = runner.fit_and_score(
         method,

@@ -47,7 +47,7 @@ def view_log_probs(spec: runs.ModelSpec, variables: dict[str, Any], images: jax.
 def _ensemble_log_probs(variables: tuple, images: jax.Array, *, specs: tuple[runs.ModelSpec, ...]) -> jax.Array:
     """log of the probabilities averaged over every view of every member: [B, C]."""
     log_probs = jnp.concatenate([view_log_probs(s, v, images) for s, v in zip(specs, variables)], axis=1)
-    return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(log_probs.shape[1])
+    return metrics.mean_over_views(log_probs)
 
 
 def _eval_sums(variables: tuple, batch: dict[str, jax.Array], *, specs: tuple[runs.ModelSpec, ...]) -> dict:

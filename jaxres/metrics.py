@@ -77,6 +77,15 @@ def classification_sums(
     return masked_eval_sums(log_probs, labels, mask, loss, per_class)
 
 
+def mean_over_views(log_probs: jax.Array) -> jax.Array:
+    """log of the probabilities averaged over axis 1 (views, ensemble members): [B, K, C] -> [B, C].
+
+    A logsumexp of log-softmaxes, so it never underflows; averaging probabilities (not logits) is
+    the 10-crop / ensemble rule (Krizhevsky et al. 2012), which keeps each view's confidence.
+    """
+    return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(log_probs.shape[1])
+
+
 def sum_over_batches(
     sums_fn: Callable[[Any, Any], dict[str, jax.Array]], variables: Any, batches: Iterable[Any]
 ) -> dict[str, np.ndarray]:

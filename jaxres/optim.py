@@ -12,7 +12,7 @@ Adam update and the layer-wise trust ratio ||w|| / ||update||, both on kernels o
 (timm's no-decay group, 1-D params and biases, skips both), then -lr.
 `optimizer.grad_clip_norm` > 0 clips the global gradient norm first, for every name.
 
-Fine-tuning (`optimizer.head_only_steps = K`): for the first K steps only the
+Fine-tuning (`optimizer.head_only = "K"`): for the first K steps only the
 classifier head trains; the other parameters get zero updates and their
 optimizer state (momentum, step count) stays untouched, so from step K they
 start fresh, with their own schedule (warmup included) over the remaining steps.
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxres import periods
 from jaxres.errors import ConfigError, unknown_name
 
 
@@ -38,9 +39,9 @@ def learning_rate(opt: ml_collections.ConfigDict, global_batch_size: int) -> flo
 def make_schedule(
     opt: ml_collections.ConfigDict, global_batch_size: int, steps_per_epoch: int, total_steps: int
 ) -> optax.Schedule:
-    """Warmup then `cosine` | `step` | `constant`, in optimizer steps."""
+    """Warmup (`opt.warmup`, a period) then `cosine` | `step` | `constant`, in optimizer steps."""
     peak = learning_rate(opt, global_batch_size)
-    warmup_steps = int(round(opt.warmup_epochs * steps_per_epoch))
+    warmup_steps = periods.to_steps(opt.warmup, steps_per_epoch, global_batch_size, "optimizer.warmup")
     if opt.schedule == "cosine":
         decay = optax.cosine_decay_schedule(peak, max(1, total_steps - warmup_steps))
     elif opt.schedule == "step":

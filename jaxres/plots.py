@@ -1,7 +1,8 @@
 """Figures people can read (matplotlib, Agg canvas, no pyplot state): training curves, a
 labelled confusion matrix, a grid of predictions.
 
-    write_curves(["runs/a", "runs/b"], "curves.png")        # loss, top-1, lr, img/s, MFU, input wait
+    write_curves(["runs/a", "runs/b"], "curves.png")        # loss, top-1, lr, img/s, MFU, input wait,
+                                                            # + a panel per few-shot / probe evaluator
     confusion(labels, predictions, names, title, "confusion.png")
     prediction_grid(predictions, "predictions.png")
 """
@@ -17,7 +18,8 @@ import numpy as np
 
 from jaxres.metrics import read_rows
 
-# (title, [(metrics key, label or None)], scale): one panel of curves.png each.
+# (title, [(metrics key, label or None)], scale): one panel of curves.png each. Classification
+# evaluators (NAME_loss, NAME_top1) join the loss and top-1 panels; `evaluator_panels` adds the rest.
 CURVE_PANELS = (
     ("loss", [("loss", "train"), ("val_loss", "val")], 1.0),
     ("top-1", [("top1", "train"), ("val_top1", "val")], 1.0),
@@ -42,8 +44,32 @@ def _run_labels(run_dirs: Sequence[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [os.path.normpath(r) for r in run_dirs]
 
 
+def evaluator_panels(keys: set[str]) -> list[tuple[str, list[tuple[str, str | None]], float]]:
+    """The panels of `keys` logged by evaluators: every classification evaluator's loss and top-1
+    beside training's, then one panel per few-shot / linear-probe evaluator (NAME/...)."""
+    names = sorted((k[: -len("_top1")] for k in keys if k.endswith("_top1") and f"{k[:-5]}_loss" in keys),
+                   key=lambda n: (n != "val", n))  # fmt: skip
+    panels = [
+        ("loss", [("loss", "train")] + [(f"{n}_loss", n) for n in names], 1.0),
+        ("top-1", [("top1", "train")] + [(f"{n}_top1", n) for n in names], 1.0),
+        *CURVE_PANELS[2:],
+    ]
+    for family in sorted({k.split("/")[0] for k in keys if "/" in k}):
+        series = [(k, k[len(family) + 1 :]) for k in sorted(keys, key=_natural) if k.startswith(family + "/")]
+        panels.append((f"{family} (top-1)", series, 1.0))
+    return panels
+
+
+def _natural(key: str) -> list:
+    """"a/10shot" after "a/5shot"."""
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
 def write_curves(run_dirs: Sequence[str], output: str) -> str | None:
-    """Draws loss, top-1 (train and val), learning rate, img/s, MFU and input wait against steps.
+    """Draws loss, top-1 (train and every classification evaluator), learning rate, img/s, MFU,
+    input wait and each few-shot / probe evaluator against steps.
 
     Args:
       run_dirs: runs whose `metrics.jsonl` is read; several are overlaid, one colour each.
@@ -57,13 +83,20 @@ def write_curves(run_dirs: Sequence[str], output: str) -> str | None:
         return None
     # Fixed margins, not the constrained layout: half the drawing time (0.7 -> 0.4 s on 2 cores),
     # and this figure is drawn at the end of every training run.
-    fig = _figure(16, 9, layout=None)
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.91, wspace=0.2, hspace=0.3)
-    axes = fig.subplots(2, 3).ravel()
-    for ax, (title, series, scale) in zip(axes, CURVE_PANELS, strict=True):
+    panels = evaluator_panels({k for _, rows in runs for r in rows for k in r})
+    rows_of_panels = math.ceil(len(panels) / 3)
+    fig = _figure(16, 4.5 * rows_of_panels, layout=None)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07 / rows_of_panels * 2, top=1 - 0.09 / rows_of_panels * 2,
+                        wspace=0.2, hspace=0.3)  # fmt: skip
+    axes = fig.subplots(rows_of_panels, 3).ravel()
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, series, scale) in zip(axes, panels):
         drawn = False
-        for colour, (label, rows) in enumerate(runs):
-            for key, split in series:
+        for run_index, (label, rows) in enumerate(runs):
+            for series_index, (key, split) in enumerate(series):
+                # One run: a colour per series; several: a colour per run (series by their labels).
+                colour = run_index if len(runs) > 1 else series_index
                 points = [
                     (r["step"], scale * r[key])
                     for r in rows
@@ -71,7 +104,7 @@ def write_curves(run_dirs: Sequence[str], output: str) -> str | None:
                 ]
                 if points:
                     steps, values = zip(*points, strict=True)
-                    val = split == "val"
+                    val = split not in (None, "train")  # An evaluator's points: one per evaluation.
                     ax.plot(steps, values, color=f"C{colour % 10}", linestyle="--" if val else "-",
                             marker="o" if val else None, markersize=4, label=f"{label} {split or ''}".strip())  # fmt: skip
                     drawn = True

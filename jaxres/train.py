@@ -3,7 +3,9 @@
     state = jit(init, out_shardings=replicated)(rng)
     loop:  batch = to_global(next(data))          # sharded on the `data` axis
            state, metrics = jit(train_step, donate state)(state, batch)
-           every log step: metrics -> writers    every epoch: eval, checkpoint
+           every `log_every`: metrics -> writers
+           each evaluator of `config.evals` on its period (jaxres/evaluators.py), a checkpoint
+           every epoch, every `checkpoint.every` and when the best metric is evaluated
 
 Params are replicated and batches sharded over one `data` mesh axis, so
 BatchNorm statistics are over the global batch. Everything a step needs comes
@@ -23,15 +25,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from jaxres import checkpoint as ckpt_lib
-from jaxres import console, device_augment, interrupts, losses, optim, parallel, plots, profiler, profiling, runs
+from jaxres import (
+    console,
+    device_augment,
+    evaluators,
+    interrupts,
+    losses,
+    optim,
+    parallel,
+    periods,
+    plots,
+    profiler,
+    profiling,
+    runs,
+)
 from jaxres import metrics as metrics_lib
 from jaxres import dashboard
 from jaxres import state as state_lib
-from jaxres.data import dali, loader, preprocessing, sources
+from jaxres.data import dali, loader, sources
 from jaxres.errors import ConfigError, NonFiniteLossError
 from jaxres.state import TrainState
 
@@ -118,11 +132,16 @@ def train_step(
 def eval_step(
     variables: dict[str, Any], batch: dict[str, jax.Array], *, model: nn.Module, config: ml_collections.FrozenConfigDict
 ) -> dict[str, jax.Array]:
-    """Masked sums over one batch: count, correct top-1 / top-5, loss (cross-entropy, no smoothing)."""
-    images = runs.normalize(batch["image"], config.dataset.mean, config.dataset.std)
-    logits, _ = model.apply(variables, images, train=False)
+    """Masked sums over one batch: count, correct top-1 / top-5 (also per class), loss (cross-entropy,
+    no label smoothing). Images [B, H, W, 3], or views [B, K, H, W, 3] whose probabilities are averaged
+    (10-crop), as `jaxres.evaluate` does."""
+    images = batch["image"]
+    views = images.reshape((-1,) + images.shape[-3:])
+    logits, _ = model.apply(variables, runs.normalize(views, config.dataset.mean, config.dataset.std), train=False)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return metrics_lib.classification_sums(log_probs, batch["label"], batch["mask"])
+    if images.ndim == 5:
+        log_probs = metrics_lib.mean_over_views(log_probs.reshape(images.shape[0], images.shape[1], -1))
+    return metrics_lib.classification_sums(log_probs, batch["label"], batch["mask"], per_class=True)
 
 
 def eval_variables(state: TrainState, config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -130,24 +149,9 @@ def eval_variables(state: TrainState, config: ml_collections.ConfigDict) -> dict
     return runs.eval_variables(state.params, state.ema_params, state.batch_stats, config.ema_decay)
 
 
-def validate(
-    variables: dict[str, Any],
-    eval_fn: Callable,
-    source: Any,
-    config: ml_collections.ConfigDict,
-    mesh: jax.sharding.Mesh,
-) -> dict[str, float]:
-    """val_top1 / val_top5 / val_loss / val_count over the whole split (padded + masked)."""
-    prep = preprocessing.of(config)  # The pixels evaluate.py, predict.py and the probes see too.
-    _, batches = prep.device_batches(source, "center", config.eval_batch_size, mesh, config.input.num_workers)
-    summary = metrics_lib.summarize_sums(metrics_lib.sum_over_batches(eval_fn, variables, batches))
-    return {f"val_{k}": v for k, v in summary.items()}
-
-
-def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
-    """Train and validation sources, checked against `dataset.num_classes`."""
+def load_train_source(config: ml_collections.ConfigDict) -> Any:
+    """The training source, checked against `dataset.num_classes` (evaluators open their own)."""
     train_source = sources.open_source(config.dataset, config.dataset.train_split)
-    val_source = sources.open_source(config.dataset, config.dataset.val_split)
     found = len(train_source.class_names)
     if found != config.dataset.num_classes:
         raise ConfigError(
@@ -155,15 +159,8 @@ def load_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
             f"{config.dataset.num_classes}; set --config.dataset.num_classes={found}."
         )
     if config.dataset.train_limit:
-        train_source = _limited(train_source, config.dataset.train_limit)
-    if config.dataset.val_limit:
-        val_source = _limited(val_source, config.dataset.val_limit)
-    return train_source, val_source
-
-
-def _limited(source: Any, limit: int) -> sources.Subset:
-    """A fixed random subset of `limit` records (smoke runs); sources are often sorted by class."""
-    return sources.Subset(source, np.sort(np.random.default_rng(0).permutation(len(source))[:limit]))
+        train_source = sources.limited(train_source, config.dataset.train_limit)
+    return train_source
 
 
 def _check_finite(scalars: dict[str, float], first_step: int, last_step: int) -> None:
@@ -186,11 +183,14 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
         )
     parallel.check_batch_size(config.batch_size // config.grad_accum_steps, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    if config.optimizer.head_only_steps and not config.init_from:
+    for name in ("log_every", "checkpoint.every", "optimizer.warmup", "optimizer.head_only"):
+        periods.parse(config[name], name)
+    evaluators.check(config)
+    if periods.parse(config.optimizer.head_only, "optimizer.head_only")[0] and not config.init_from:
         raise ConfigError(
-            f"config.optimizer.head_only_steps={config.optimizer.head_only_steps} trains only the "
+            f"config.optimizer.head_only={config.optimizer.head_only!r} trains only the "
             "head of a fresh model; set --config.init_from=RUN (fine-tuning) or "
-            "--config.optimizer.head_only_steps=0."
+            "--config.optimizer.head_only=0."
         )
     if config.augment.repeated_aug < 1:
         raise ConfigError(
@@ -232,19 +232,11 @@ def _schedule_and_optimizer(
     """The learning-rate schedule (logged) and the optimizer, with the head-only warm-up if asked."""
     schedule = optim.make_schedule(config.optimizer, config.batch_size, steps_per_epoch, total_steps)
     tx = optim.make_optimizer(config.optimizer, schedule)
-    head_only = config.optimizer.head_only_steps
+    head_only = periods.to_steps(config.optimizer.head_only, steps_per_epoch, config.batch_size, "optimizer.head_only")
     if head_only:  # The body's schedule starts when it unfreezes.
         body_schedule = optim.make_schedule(config.optimizer, config.batch_size, steps_per_epoch, total_steps - head_only)
         tx = optim.head_only_warmup(tx, optim.make_optimizer(config.optimizer, body_schedule), head_only)
     return schedule, tx
-
-
-def _write_eval(writer: metrics_lib.MetricWriter, step: int, steps_per_epoch: int, eval_metrics: dict) -> None:
-    writer.write(step, dict(eval_metrics, epoch=step / steps_per_epoch))
-    console.log_line(
-        f"eval step {step}: top1 {eval_metrics['val_top1']:.4f} top5 {eval_metrics['val_top5']:.4f} "
-        f"loss {eval_metrics['val_loss']:.4f} over {eval_metrics['val_count']} images"
-    )
 
 
 def total_training_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -266,7 +258,7 @@ def train_and_evaluate(
     """
     mesh = parallel.make_mesh(devices)
     check_config(config, mesh)
-    train_source, val_source = load_sources(config)
+    train_source = load_train_source(config)
     steps_per_epoch = max(1, len(train_source) // config.batch_size)
     total_steps = total_training_steps(config, steps_per_epoch)
     model = runs.build_model(config)
@@ -275,7 +267,10 @@ def train_and_evaluate(
 
     if jax.process_index() == 0:
         runs.write_config(workdir, config)
-    checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", config.keep_latest, config.keep_best)
+    c = config.checkpoint
+    checkpointer = ckpt_lib.Checkpointer(
+        f"{workdir}/checkpoints", c.keep_latest, c.keep_best, best_metric=c.best_metric, best_mode=c.best_mode
+    )
     preemption = interrupts.Preemption()
     writer = None
     try:
@@ -283,17 +278,15 @@ def train_and_evaluate(
         start = int(state.step)
         # Steps logged after the restored checkpoint (a crash, kill -9) are logged again: drop them.
         writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+        evals = evaluators.build(config, model, eval_fn, eval_variables(state, config), mesh, steps_per_epoch)
         console.log_line(
-            f"{config.model.name}: {len(train_source)} train / {len(val_source)} val images, "
-            f"{steps_per_epoch} steps/epoch, steps {start}..{total_steps}, {mesh.devices.size} devices, "
-            f"{jax.process_count()} process(es)."
+            f"{config.model.name}: {len(train_source)} train images, {steps_per_epoch} steps/epoch, steps "
+            f"{start}..{total_steps}, {mesh.devices.size} devices, {jax.process_count()} process(es); "
+            f"evaluators: {', '.join(f'{e.name} every {e.every or total_steps} steps' for e in evals)}."
         )
         batches = parallel.prefetch_to_device(
             loader.train_micro_batches(config, train_source, start * config.grad_accum_steps), mesh, batch_axis=1
         )
-
-        def evaluate(s: TrainState) -> dict[str, float]:
-            return validate(eval_variables(s, config), eval_fn, val_source, config, mesh)
 
         timer, cost = profiling.training_timer(model, config, mesh.devices.size)
         if start < total_steps:  # Compiled here, found cached by the loop; one line says what a step costs.
@@ -302,7 +295,7 @@ def train_and_evaluate(
         window = profiler.ProfileWindow(config.profile_steps, dashboard.logdir(workdir))
         # Before `finally`: closing would wait for the dead.
         with interrupts.exit_if_a_peer_is_lost(), contextlib.closing(window):
-            state = loop.run(state, batches, step_fn, evaluate, preemption, window)
+            state = loop.run(state, batches, step_fn, evals, preemption, window)
     finally:
         preemption.restore()
         checkpointer.close()
@@ -324,20 +317,23 @@ class _Loop:
         # Jitted: evaluated eagerly, each of the schedule's jnp ops would be compiled on its own.
         self.config, self.checkpointer, self.writer, self.schedule = config, checkpointer, writer, jax.jit(schedule)
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        every = functools.partial(periods.to_steps, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size)
+        self.log_every = every(config.log_every, name="log_every")
+        self.checkpoint_every = every(config.checkpoint.every, name="checkpoint.every")
         self.timer = timer  # profiling.StepTimer: the one clock (input wait, device time, MFU, ETA).
         self.pending, self.pending_from = None, start
 
     def run(
-        self, state: TrainState, batches: Iterator, step_fn: Callable, evaluate: Callable, preemption, window
+        self, state: TrainState, batches: Iterator, step_fn: Callable, evals: list, preemption, window
     ) -> TrainState:
         """Steps from the state's step to `total_steps` (or to a signal); returns the last state."""
         c = self.config
-        eval_every = max(1, int(c.eval_every_epochs * self.steps_per_epoch))
         if int(state.step) == 0 and c.init_from:  # Fine-tuning: step 0 is the weights it starts from.
             with self.timer.paused(state):
-                _write_eval(self.writer, 0, self.steps_per_epoch, evaluate(state))
+                self.evaluate(evals, 0, True, state)
         for step in range(int(state.step) + 1, self.total_steps + 1):
-            log_step = step % c.log_every_steps == 0 or step == self.total_steps
+            last = step == self.total_steps
+            log_step = periods.due(step, self.log_every) or last
             batch = self.timer.next_batch(batches)  # Host time waiting for input; no device sync.
             window.before_step(step, state)
             state, step_metrics = self.timer.step(step_fn, state, batch, sample=log_step)
@@ -345,15 +341,14 @@ class _Loop:
             self.pending = step_metrics if self.pending is None else self.pending.merge(step_metrics)
             if log_step:
                 self.log(step)
-            if step % eval_every == 0 or step == self.total_steps:
-                with self.timer.paused(state):  # Not step time.
-                    eval_metrics = evaluate(state)
-                    _write_eval(self.writer, step, self.steps_per_epoch, eval_metrics)
-                    self.save(step, state, eval_metrics)
-            elif step % c.checkpoint_every_steps == 0 or step % self.steps_per_epoch == 0:
-                with self.timer.paused(state):
-                    self.save(step, state)
-            if preemption.should_stop(step, c.log_every_steps) and step < self.total_steps:
+            evaluating = any(e.due(step, last) for e in evals)
+            saving = periods.due(step, self.checkpoint_every) or step % self.steps_per_epoch == 0 or last
+            if evaluating or saving:
+                with self.timer.paused(state):  # Evaluation and saving are not step time.
+                    eval_metrics = self.evaluate(evals, step, last, state) if evaluating else {}
+                    if saving or c.checkpoint.best_metric in eval_metrics:
+                        self.save(step, state, eval_metrics)
+            if preemption.should_stop(step, max(1, self.log_every)) and step < self.total_steps:
                 if self.checkpointer.latest_step() != step:
                     self.save(step, state)
                 self.checkpointer.wait()
@@ -361,6 +356,12 @@ class _Loop:
                 console.log_line(f"{reason}: saved step {step}; re-run the same command to resume.")
                 break
         return state
+
+    def evaluate(self, evals: list, step: int, last: bool, state: TrainState) -> dict[str, float]:
+        """The evaluators due at `step` -> metrics.jsonl, TensorBoard, the console; their metrics."""
+        eval_metrics = evaluators.run_due(evals, step, last, eval_variables(state, self.config))
+        self.writer.write(step, dict(eval_metrics, epoch=step / self.steps_per_epoch))
+        return eval_metrics
 
     def log(self, step: int) -> None:
         """Train metrics since the last log step -> metrics.jsonl, TensorBoard, the console."""

@@ -47,7 +47,7 @@ def two_process_reference(tmp_path_factory):
     shared by the multi-process tests of test_faults.py."""
     import sys
 
-    from test_cli import REPO, _env, _run, _train_cmd
+    from test_cli import FAULTS_CONFIG, REPO, _env, _run, _train_cmd
 
     from jaxres.data import embedded
 
@@ -55,21 +55,21 @@ def two_process_reference(tmp_path_factory):
     embedded.write_digits(data_dir)
     workdir = str(tmp_path_factory.mktemp("reference") / "run")
     launcher = [sys.executable, os.path.join(REPO, "scripts", "launch_local.py"), "--num_processes", "2", "--"]
-    return workdir, _run(launcher + _train_cmd(workdir, str(data_dir)), _env(1)).stdout
+    return workdir, _run(launcher + _train_cmd(workdir, str(data_dir), config=FAULTS_CONFIG), _env(1)).stdout
 
 
 @pytest.fixture(scope="session")
 def one_process_reference(tmp_path_factory):
     """(workdir, data_dir) of one uninterrupted 1-process, 2-device smoke run: the reference of
     test_faults' SIGTERM and 2-process tests (its compiled steps land in the run's cache, above)."""
-    from test_cli import _env, _run, _train_cmd
+    from test_cli import FAULTS_CONFIG, _env, _run, _train_cmd
 
     from jaxres.data import embedded
 
     data_dir = tmp_path_factory.mktemp("reference1_data")
     embedded.write_digits(data_dir)
     workdir = str(tmp_path_factory.mktemp("reference1") / "run")
-    _run(_train_cmd(workdir, str(data_dir)), _env(2))
+    _run(_train_cmd(workdir, str(data_dir), config=FAULTS_CONFIG), _env(2))
     return workdir, str(data_dir)
 
 

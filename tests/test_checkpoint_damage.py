@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     embedded.write_digits(data_dir)
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    train.train_and_evaluate(smoke_config(data_dir, keep_latest=4), workdir)
+    train.train_and_evaluate(smoke_config(data_dir, **{"checkpoint.keep_latest": 4}), workdir)
     return workdir, str(data_dir)
 
 
@@ -176,7 +176,7 @@ def test_resume_init_from_and_resume_from_skip_a_damaged_step(trained, tmp_path,
     out = capsys.readouterr().out
     assert len(_warnings(out)) == 2 and f"Initialised from {run} step 12" in out, out
 
-    state = train.train_and_evaluate(smoke_config(trained[1], keep_latest=4), run)  # Resumes at 12.
+    state = train.train_and_evaluate(smoke_config(trained[1], **{"checkpoint.keep_latest": 4}), run)  # Resumes at 12.
     out = capsys.readouterr().out
     assert int(state.step) == 16 and "Resuming from" in out and "step 12." in out
     assert len(_warnings(out)) == 1 and "Moved damaged checkpoint step 16" in out

@@ -30,12 +30,17 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _train_cmd(workdir: str, data_dir: str, *extra: str) -> list[str]:
+# The runs of test_faults.py carry a few-shot evaluator: resumed and 2-process runs must evaluate
+# it at the same steps and to the same values as the uninterrupted 1-process run.
+FAULTS_CONFIG = "smoke,fewshot"
+
+
+def _train_cmd(workdir: str, data_dir: str, *extra: str, config: str = "smoke") -> list[str]:
     return [
         sys.executable,
         os.path.join(REPO, "scripts", "train.py"),
         "--config",
-        os.path.join(REPO, "configs", "demo.py") + ":smoke",
+        os.path.join(REPO, "configs", "demo.py") + f":{config}",
         "--workdir",
         workdir,
         f"--config.dataset.data_dir={data_dir}",

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from test_cli import _env, _final, _rows, _run, _train_cmd
+from test_cli import FAULTS_CONFIG, _env, _final, _rows, _run, _train_cmd
 
 from jaxres import checkpoint as ckpt_lib
 from jaxres.data import embedded
@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 
 def _process_cmd(workdir: str, data_dir: str, port: int, i: int) -> list[str]:
-    return _train_cmd(workdir, data_dir) + [
+    return _train_cmd(workdir, data_dir, config=FAULTS_CONFIG) + [
         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
     ]  # fmt: skip
 
@@ -63,7 +63,7 @@ def test_sigterm_then_resume_matches_uninterrupted(one_process_reference, tmp_pa
     assert os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"]), "the compilation cache stayed empty"
 
     workdir = str(tmp_path / "preempted")
-    proc = subprocess.Popen(_train_cmd(workdir, data_dir), env=_env(2), cwd=REPO,
+    proc = subprocess.Popen(_train_cmd(workdir, data_dir, config=FAULTS_CONFIG), env=_env(2), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not any(r.get("step", 0) >= 4 for r in _rows(workdir)):
@@ -76,12 +76,14 @@ def test_sigterm_then_resume_matches_uninterrupted(one_process_reference, tmp_pa
     stopped_at = max(r["step"] for r in _rows(workdir))
     assert stopped_at < 16, "SIGTERM did not stop the run early"
 
-    resumed = _run(_train_cmd(workdir, data_dir), _env(2))
+    resumed = _run(_train_cmd(workdir, data_dir, config=FAULTS_CONFIG), _env(2))
     assert "Resuming from" in resumed.stdout
     (train_ref, eval_ref), (train_res, eval_res) = _final(reference), _final(workdir)
     assert train_res["step"] == train_ref["step"] == 16
     assert train_res["loss"] == train_ref["loss"]  # Bit-exact: same batches, same steps, same RNG.
     assert eval_res["val_top1"] == eval_ref["val_top1"]
+    # The evaluators kept their periods across the restart, each step once, with the same values.
+    assert _evaluations(workdir) == _evaluations(reference)
 
 
 def test_two_processes_match_one(one_process_reference, two_process_reference):
@@ -103,6 +105,19 @@ def _assert_matches_one_process(one: str, two: str) -> None:
     for a, b in zip(one_rows, two_rows):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert abs(_final(one)[1]["val_top1"] - _final(two)[1]["val_top1"]) <= 0.01
+    one_evals, two_evals = _evaluations(one), _evaluations(two)
+    assert [(step, sorted(m)) for step, m in one_evals] == [(step, sorted(m)) for step, m in two_evals]
+    for (_, a), (_, b) in zip(one_evals, two_evals):  # 1 test image of 359 is 0.0028.
+        assert all(abs(a[k] - b[k]) <= 0.01 for k in a)
+
+
+def _evaluations(workdir: str) -> list[tuple[int, dict]]:
+    """(step, {key: value}) of every evaluator row (wall times left out)."""
+    return [
+        (r["step"], {k: v for k, v in r.items() if k.startswith(("val_", "fewshot/")) and not k.endswith("_eval_s")})
+        for r in _rows(workdir)
+        if "val_top1" in r or any(k.startswith("fewshot/") for k in r)
+    ]
 
 
 def test_launcher_names_a_failed_process_and_ends_the_rest(tmp_path):
@@ -152,9 +167,10 @@ def test_one_host_preempted_then_a_dead_peer_and_the_rerun_matches(data_dir, two
     assert detected_s <= DEAD_PEER_BOUND_S
     assert [line for line in output.splitlines() if line.startswith("jaxres error: lost process 1 of 2")]
 
-    result = _run(LAUNCHER + ["--num_processes", "2", "--"] + _train_cmd(workdir, data_dir), _env(1))
+    result = _run(LAUNCHER + ["--num_processes", "2", "--"] + _train_cmd(workdir, data_dir, config=FAULTS_CONFIG), _env(1))
     assert "Resuming from" in result.stdout
     (train_ref, eval_ref), (train_res, eval_res) = _final(two_process_reference[0]), _final(workdir)
     assert train_res["step"] == train_ref["step"] == 16
     assert train_res["loss"] == train_ref["loss"] and eval_res["val_top1"] == eval_ref["val_top1"]
+    assert _evaluations(workdir) == _evaluations(two_process_reference[0])
     _assert_each_step_once(workdir)

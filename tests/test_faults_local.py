@@ -62,7 +62,7 @@ def test_ctrl_c_saves_then_a_second_aborts(data_dir, tmp_path):
 def test_kill_9_then_resume_logs_every_step_once(data_dir, tmp_path):
     """Steps logged after the last checkpoint are logged again on resume: only once in the end."""
     workdir = str(tmp_path / "run")
-    cmd = _train_cmd(workdir, data_dir, "--config.checkpoint_every_steps=100", "--config.eval_every_epochs=2")
+    cmd = _train_cmd(workdir, data_dir, "--config.checkpoint.every=100", "--config.evals.val.every=2ep")
     proc = subprocess.Popen(cmd, env=_env(2), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_step(workdir, 12, [proc])  # The only checkpoint so far: step 8 (end of epoch 1).
     proc.kill()
@@ -77,7 +77,7 @@ def test_kill_9_then_resume_logs_every_step_once(data_dir, tmp_path):
 @pytest.fixture()
 def trained_run(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(smoke_config(data_dir, keep_latest=4), workdir)
+    train.train_and_evaluate(smoke_config(data_dir, **{"checkpoint.keep_latest": 4}), workdir)
     return workdir
 
 
@@ -111,7 +111,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(data_dir, trained_r
         np.testing.assert_array_equal(parallel.fetch(fine.params)["stem_conv"]["kernel"], want)
         assert f"Initialised from {trained_run} step {step}" in capsys.readouterr().out
 
-    longer = smoke_config(data_dir, keep_latest=4, num_epochs=3)
+    longer = smoke_config(data_dir, **{"checkpoint.keep_latest": 4}, num_epochs=3)
     state = train.train_and_evaluate(longer, trained_run)  # Resumes from 12, not from scratch.
     assert int(state.step) == 24
     assert "Resuming from" in capsys.readouterr().out
@@ -134,7 +134,7 @@ def test_a_full_disk_at_save_time_is_one_line_and_keeps_earlier_checkpoints(data
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save_until_full)
     with pytest.raises(CheckpointError, match=r"Could not write checkpoint step 12 to .* \(No space left on device\)"):
-        train.train_and_evaluate(smoke_config(data_dir, keep_latest=4), workdir)
+        train.train_and_evaluate(smoke_config(data_dir, **{"checkpoint.keep_latest": 4}), workdir)
     saved = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     assert saved.all_steps() == [4, 8]  # Intact, and nothing half-written counted.
     saved.close()

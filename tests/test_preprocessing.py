@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from test_evaluate import make_run, run_config
 
-from jaxres import evaluate, parallel, predict, runs, train
+from jaxres import evaluate, evaluators, parallel, predict, runs
 from jaxres.convert import exporter
 from jaxres.data import loader, preprocessing, sources, transforms
 from jaxres.transfer import features, folder
@@ -92,7 +92,7 @@ def test_every_reader_sees_the_same_pixels(run, capture):
     val = sources.ImageFolderSource(os.path.join(data, "val"))
     mesh = parallel.make_mesh()
     calls = {
-        "validate": lambda: train.validate({}, None, val, loaded.config, mesh),
+        "validate": lambda: evaluators.validate({}, None, val, loaded.config, mesh),
         "evaluate": lambda: evaluate.evaluate_runs([run_dir]),
         "evaluate 10-crop": lambda: evaluate.evaluate_runs([run_dir], crops=10),
         "predict": lambda: predict.predict(run_dir, [os.path.join(data, "val")]),

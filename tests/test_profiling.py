@@ -237,7 +237,7 @@ def test_the_breakdown_adds_no_host_sync_between_log_steps(tmp_path):
     dispatched while the previous one still runs, so nothing waited for it (a
     `float(metrics)` per step would make it ready), except the one after a log line."""
     config = demo.get_config("smoke")
-    config.log_every_steps, config.eval_every_epochs, config.checkpoint_every_steps = 4, 100, 1000
+    config.log_every, config.evals.val.every, config.checkpoint.every = "4", "100ep", "1000"
     jitted = jax.jit(_heavy_step)
     state = _ToyState(step=np.int32(0), w=jnp.ones((1024, 1024)))
     _, warm = jitted(state, np.zeros(4, np.float32))
@@ -255,13 +255,9 @@ def test_the_breakdown_adds_no_host_sync_between_log_steps(tmp_path):
     writer = metrics_lib.MetricWriter(str(tmp_path), enabled=True, tensorboard=False)
     loop = train._Loop(config, _NoCheckpoints(), writer, lambda s: 0.1, 100, 8, 0, timer)
     batches = iter([np.zeros(4, np.float32)] * 8)
-
-    def evaluate(s):
-        return {"val_top1": 0.0, "val_top5": 0.0, "val_loss": 0.0, "val_count": 0}
-
     window = profiler.ProfileWindow("", "")
     with contextlib.redirect_stdout(io.StringIO()):
-        loop.run(state, batches, step_fn, evaluate, _NoPreemption(), window)
+        loop.run(state, batches, step_fn, [], _NoPreemption(), window)  # No evaluators.
     writer.close()
     # Step 5 follows the log of step 4, which waited for it; every other step goes in behind
     # a step still running, log steps too (they are timed from the end of the one before).

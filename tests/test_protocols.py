@@ -172,7 +172,7 @@ def test_transfer_configs_load():
         spec.loader.exec_module(module)
         config = module.get_config()
         assert set(config) == set(config_transfer.base_transfer_config())
-        assert sampling.parse_list(config.protocol.per_class)
+        assert config_transfer.lists(config).per_class
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def trained(data_dir, tmp_path_factory):
     """A smoke run on the 8 fake devices: 16 steps, checkpoints at 4, 8, 12, 16 all kept,
     validated on the whole val split (as scripts/evaluate.py reads it)."""
     workdir = str(tmp_path_factory.mktemp("runs") / "a")
-    config = smoke_config(data_dir, keep_latest=4, **{"dataset.val_limit": 0})
+    config = smoke_config(data_dir, **{"checkpoint.keep_latest": 4}, **{"dataset.val_limit": 0})
     state = train.train_and_evaluate(config, workdir)
     return workdir, config, parallel.fetch(state.params)
 
@@ -91,7 +91,7 @@ def test_a_run_from_8_devices_restores_on_1_and_resumes_on_2(trained, data_dir):
     assert there["count"] == here["count"] and there["top1"] == pytest.approx(here["top1"])
     assert there["loss"] == pytest.approx(here["loss"], rel=1e-4)
 
-    longer = smoke_config(data_dir, keep_latest=4, num_epochs=3, **{"dataset.val_limit": 0})
+    longer = smoke_config(data_dir, **{"checkpoint.keep_latest": 4}, num_epochs=3, **{"dataset.val_limit": 0})
     state = train.train_and_evaluate(longer, workdir, devices=jax.devices()[:2])
     assert int(state.step) == 24
 
@@ -122,28 +122,47 @@ def test_a_run_written_before_the_config_sections_moved_still_loads(trained, tmp
     shutil.copytree(workdir, old)
     with open(os.path.join(old, "config.json")) as f:
         saved = json.load(f)
-    values = {"decoder": "cpu", "decode_reduced": False, "truncated": "skip", "num_workers": 0,
-              "crop_min_area": 0.3, "flip": False, "color_jitter": 0.2, "randaugment": "rand-m5",
-              "repeated_aug": 2, "loss": "bce", "label_smoothing": 0.05, "bce_threshold": 0.2}
+    values = {"dataset.decoder": "cpu", "dataset.decode_reduced": False, "dataset.truncated": "skip",
+              "dataset.num_workers": 0, "dataset.crop_min_area": 0.3, "dataset.flip": False,
+              "dataset.color_jitter": 0.2, "dataset.randaugment": "rand-m5", "dataset.repeated_aug": 2,
+              "optimizer.loss": "bce", "optimizer.label_smoothing": 0.05, "optimizer.bce_threshold": 0.2,
+              "log_every_steps": 7, "checkpoint_every_steps": 30, "keep_latest": 3, "keep_best": 2,
+              "eval_every_epochs": 2, "optimizer.warmup_epochs": 0.5, "optimizer.head_only_steps": 0}  # fmt: skip
+    # What each reads as at its new place: numbers of steps / epochs become periods.
+    expected = dict(values, log_every_steps="7", checkpoint_every_steps="30", eval_every_epochs="2ep",
+                    **{"optimizer.warmup_epochs": "0.5ep", "optimizer.head_only_steps": "0"})  # fmt: skip
+    assert set(values) == set(MOVED_KEYS)
+
+    def parent(tree, dotted):
+        *parents, key = dotted.split(".")
+        for p in parents:
+            tree = tree[p]
+        return tree, key
+
     for old_key, new_key in MOVED_KEYS.items():  # Written as the old version wrote them.
-        section, key = old_key.split(".")
-        new_section, new_name = new_key.split(".")
-        saved[new_section].pop(new_name)
-        saved[section][key] = values[key]
-    if not saved["augment"]:
-        saved.pop("augment")
+        section, key = parent(saved, new_key)
+        section.pop(key)
+        section, key = parent(saved, old_key)
+        section[key] = values[old_key]
+    for emptied in ("augment", "checkpoint", "loss", "input"):
+        if not saved[emptied]:
+            saved.pop(emptied)
+    saved["evals"]["val"].pop("every", None)
     with open(os.path.join(old, "config.json"), "w") as f:
         json.dump(saved, f)
 
     config = runs.read_config(old)
     for old_key, new_key in MOVED_KEYS.items():
-        section, name = new_key.split(".")
-        assert config[section][name] == values[old_key.split(".")[1]], new_key
-        assert old_key.split(".")[1] not in config[old_key.split(".")[0]]
+        section, name = parent(config, new_key)
+        assert section[name] == expected[old_key], new_key
+        section, name = parent(config, old_key)
+        assert name not in section
     assert not preprocessing.of(config).decode_reduced
     assert evaluate.evaluate_run(old)["count"] == evaluate.evaluate_run(workdir)["count"]
     # An old command line still runs, reading each moved key at its new place.
-    argv = ["train.py", "--config.dataset.num_workers=0", "--config.optimizer.loss", "bce", "--config.seed=1"]
+    argv = ["train.py", "--config.dataset.num_workers=0", "--config.optimizer.loss", "bce", "--config.seed=1",
+            "--config.eval_every_epochs=2", "--config.log_every_steps=5"]  # fmt: skip
     assert cli.moved_config_keys(argv) == [
-        "train.py", "--config.input.num_workers=0", "--config.loss.name", "bce", "--config.seed=1"
-    ]
+        "train.py", "--config.input.num_workers=0", "--config.loss.name=bce", "--config.seed=1",
+        "--config.evals.val.every=2ep", "--config.log_every=5",
+    ]  # fmt: skip

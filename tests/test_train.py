@@ -12,9 +12,9 @@ import pytest
 
 from configs import demo
 from jaxres import checkpoint as ckpt_lib
-from jaxres import evaluate, optim, parallel, runs, train
+from jaxres import evaluate, evaluators, optim, parallel, runs, train
 from jaxres import state as state_lib
-from jaxres.data import transforms
+from jaxres.data import sources, transforms
 from jaxres.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 
 
@@ -74,7 +74,7 @@ def test_run_once_computes_fn_and_places_its_outputs():
 def test_eight_devices_match_one(data_dir):
     """BatchNorm over the global batch: 8-way sharding changes only round-off (atol 2e-5)."""
     assert jax.device_count() == 8
-    config = smoke_config(data_dir, **{"optimizer.warmup_epochs": 0.0})
+    config = smoke_config(data_dir, **{"optimizer.warmup": "0"})
     batches = _fixed_batches(3, 1, 32)
     loss1, params1, stats1 = _run_steps(config, jax.devices()[:1], batches)
     loss8, params8, stats8 = _run_steps(config, jax.devices(), batches)
@@ -103,9 +103,9 @@ def test_eval_counts_every_example(data_dir):
     """37 images, global eval batch 16 on 8 devices: 3 batches, 11 padded rows masked out."""
     config = smoke_config(data_dir, eval_batch_size=16, **{"dataset.val_limit": 37})
     mesh, state, _, eval_fn = _setup(config, jax.devices())
-    _, val_source = train.load_sources(config)
+    val_source = sources.limited(sources.open_source(config.dataset, config.dataset.val_split), 37)
     variables = train.eval_variables(state, config)
-    result = train.validate(variables, eval_fn, val_source, config, mesh)
+    result = evaluators.validate(variables, eval_fn, val_source, config, mesh)
     assert result["val_count"] == 37
     # The same top-1 by hand, one image at a time on one device.
     model = runs.build_model(config)
@@ -121,7 +121,7 @@ def test_eval_counts_every_example(data_dir):
 
 def test_train_resume_and_checkpoint_policy(data_dir, tmp_path):
     """A finished run keeps latest and best; re-running resumes and does nothing more."""
-    config = smoke_config(data_dir, keep_latest=1, keep_best=1)
+    config = smoke_config(data_dir, **{"checkpoint.keep_latest": 1, "checkpoint.keep_best": 1})
     workdir = str(tmp_path / "run")
     state = train.train_and_evaluate(config, workdir)
     assert int(state.step) == 16
@@ -167,9 +167,9 @@ def test_train_resume_and_checkpoint_policy(data_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
-    config = smoke_config(data_dir, checkpoint_every_steps=1, log_every_steps=4)
+    config = smoke_config(data_dir, log_every="4", **{"checkpoint.every": "1"})
     config.optimizer.base_lr = 1e12
-    config.optimizer.warmup_epochs = 0.0
+    config.optimizer.warmup = "0"
     workdir = str(tmp_path / "nan")
     with pytest.raises(NonFiniteLossError, match="between steps"):
         train.train_and_evaluate(config, workdir)
@@ -207,7 +207,7 @@ def test_user_errors(data_dir, tmp_path, overrides, error, message):
 
 
 def test_ema_tracks_params_and_is_evaluated(data_dir):
-    config = smoke_config(data_dir, ema_decay=0.9, **{"optimizer.warmup_epochs": 0.0})
+    config = smoke_config(data_dir, ema_decay=0.9, **{"optimizer.warmup": "0"})
     mesh, state, step_fn, _ = _setup(config, jax.devices())
     p0 = parallel.fetch(state.params)
     batch = parallel.to_global(_fixed_batches(1, 1, 32)[0], mesh, batch_axis=1)
@@ -243,9 +243,9 @@ def test_head_only_warmup_freezes_the_body_then_starts_it_fresh():
 
 
 def test_head_only_needs_init_from(data_dir):
-    config = smoke_config(data_dir, **{"optimizer.head_only_steps": 5})
+    config = smoke_config(data_dir, **{"optimizer.head_only": "5"})
     with pytest.raises(
-        ConfigError, match="head_only_steps=5 trains only the head of a fresh model"
+        ConfigError, match="head_only='5' trains only the head of a fresh model"
     ):
         train.check_config(config, parallel.make_mesh())
 
@@ -290,7 +290,7 @@ def test_every_recipe_option_resumes_mid_epoch_bit_exact(data_dir, tmp_path):
     """RandAugment, repeated augmentation, erasing, Mixup / CutMix, drop-path, BCE and LAMB, with
     two micro-batches a step: a run branched at step 2 (mid-epoch) ends bit-identical."""
     options = dict(
-        num_steps=4, checkpoint_every_steps=2, keep_latest=4, grad_accum_steps=2, **RSB_OPTIONS
+        num_steps=4, **{"checkpoint.every": "2", "checkpoint.keep_latest": 4}, grad_accum_steps=2, **RSB_OPTIONS
     )
     options["dataset.val_limit"] = 0  # The whole split, as evaluate.py reads it.
     first = str(tmp_path / "first")

@@ -16,7 +16,7 @@ from PIL import Image
 from test_evaluate import make_run, run_config, write_folder
 from test_protocols import tiny_protocol
 
-from jaxres import evaluate, optim, parallel, predict, runs, train
+from jaxres import evaluate, evaluators, optim, parallel, predict, runs, train
 from jaxres import state as state_lib
 from jaxres.checkpoint import Checkpointer
 from jaxres.data import loader, sources
@@ -93,7 +93,7 @@ def test_protocol_export_is_a_run_that_evaluate_predict_and_init_from_read(toy, 
     state = state_lib.restore_or_init(ft, target, model, tx, mesh)
     target.close()
     _, eval_fn = train.make_step_fns(ft, model, tx, mesh)
-    start = train.validate(train.eval_variables(state, ft), eval_fn, sources.open_source(ft.dataset, "test"), ft, mesh)
+    start = evaluators.validate(train.eval_variables(state, ft), eval_fn, sources.open_source(ft.dataset, "test"), ft, mesh)
     assert abs(start["val_top1"] - info["test_top1"]) <= 0.005
 
 

@@ -15,20 +15,8 @@ of the sweep. Expected on the digits demo run (runs/demo, val top-1 ~0.99):
 logistic top-1 around 0.9 at 1 shot and 0.98+ at 25 shots; about 30 s on 2 cores.
 """
 
-from jaxres.config_base import CACHE_DIR
-from jaxres.config_transfer import base_transfer_config
-
-SPLITS = {"digits": ("train", "val")}
+from jaxres.config_transfer import fewshot_config
 
 
 def get_config(arg: str = "digits"):
-    dataset = arg or "digits"
-    c = base_transfer_config()
-    c.dataset.name = dataset
-    c.dataset.data_dir = CACHE_DIR if dataset == "digits" else ""
-    train, test = SPLITS.get(dataset, ("train", "test"))
-    c.dataset.train_split, c.dataset.val_split = train, test
-    c.protocol.kind = "split"
-    c.protocol.per_class = "1,5,10,25"
-    c.protocol.trials = 3
-    return c
+    return fewshot_config(arg or "digits")

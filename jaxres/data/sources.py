@@ -416,6 +416,32 @@ class Subset:
         return np.asarray(self._source.labels)[self._indices]
 
 
+class Concat:
+    """The records of several sources one after another (one forward pass over two splits);
+    the first source's `class_names`."""
+
+    def __init__(self, *parts: Any):
+        self._parts = parts
+        self._starts = np.cumsum([0] + [len(p) for p in parts])
+        self.class_names = getattr(parts[0], "class_names", None)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self._parts[part][index - int(self._starts[part])]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.concatenate([np.asarray(p.labels) for p in self._parts])
+
+
+def limited(source: Any, limit: int) -> Subset:
+    """A fixed random subset of `limit` records (smoke runs); sources are often sorted by class."""
+    return Subset(source, np.sort(np.random.default_rng(0).permutation(len(source))[:limit]))
+
+
 def open_source(
     dataset: ml_collections.ConfigDict, split: str
 ) -> ImageFolderSource | ListFileSource | ArrayRecordSource | TfdsSource:

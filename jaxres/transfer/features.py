@@ -106,7 +106,7 @@ class FeatureExtractor:
         }
 
     def extract(
-        self, source: Any, batch_size: int, on_rows=None
+        self, source: Any, batch_size: int, on_rows=None, variables: Any = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(features [N, ...], labels [N], mask [N]) of every example of `source`, in order.
 
@@ -114,13 +114,16 @@ class FeatureExtractor:
           source: a random-access source (`jaxres.data.sources`).
           batch_size: global batch, a multiple of the device count.
           on_rows: called with each batch's host (features, labels, mask) rows as they arrive.
+          variables: other weights of the same model, replicated on the mesh (an evaluator
+            during training); default: the run's.
         """
+        variables = self.variables if variables is None else variables
         num, batches = self.preprocessing.device_batches(source, self.views, batch_size, self.mesh)
         parts, remaining = [], len(source)
         for batch in progress_bar(batches, num, f"features {self.layer}"):
             rows = [
                 parallel.gather_rows(a)
-                for a in (self.fn(self.variables, batch["image"]), batch["label"], batch["mask"])
+                for a in (self.fn(variables, batch["image"]), batch["label"], batch["mask"])
             ]
             rows = [r[:remaining] for r in rows]  # The last batch's padding.
             remaining -= len(rows[0])

@@ -14,26 +14,32 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from jaxres import parallel, runs
+from jaxres import config_transfer, parallel, runs
 from jaxres.data import sources
 from jaxres.errors import ConfigError, unknown_name
 from jaxres.console import log_line
 from jaxres.transfer import export, features, logistic, mlp_head, probe, report, sampling
-from jaxres.transfer.sampling import KINDS, parse_list
+from jaxres.transfer.sampling import KINDS
 
 # The linear probes by config name; "mlp" is `mlp_head.MLPProbe`.
 PROBES = {"ridge": probe.RidgeProbe, "logistic": logistic.LogisticProbe}
 METHODS = (*PROBES, "mlp")
 
 
-def make_probe(method: str, probe_config: ml_collections.ConfigDict, seed: int) -> Any:
-    """A probe from `config.probe`: "logistic", "ridge" or "mlp" (a one-hidden-layer head)."""
+def make_probe(
+    method: str, probe_config: ml_collections.ConfigDict, seed: int, l2s: Sequence[float] | None = None
+) -> Any:
+    """A probe from `config.probe`: "logistic", "ridge" or "mlp" (a one-hidden-layer head).
+
+    `l2s`: the penalty sweep (`config_transfer.lists(config).l2s[method]`); None: the probe's default.
+    """
     if method not in METHODS:
         raise ConfigError(unknown_name("config.probe.methods entry", method, METHODS))
     if method == "mlp":
@@ -48,7 +54,7 @@ def make_probe(method: str, probe_config: ml_collections.ConfigDict, seed: int) 
             holdout=c.holdout,
             seed=seed,
         )
-    l2s = parse_list(probe_config[f"{method}_l2s"], float, f"probe.{method}_l2s") or None
+    l2s = list(l2s) if l2s else None
     if method == "ridge":
         return probe.RidgeProbe(l2s, holdout=probe_config.holdout, seed=seed)
     return logistic.LogisticProbe(
@@ -68,14 +74,17 @@ def fit_and_score(
     test: tuple,
     num_classes: int,
     mesh: jax.sharding.Mesh,
+    l2s: Sequence[float] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, Any]:
     """Fits one probe on (x, y) `train`, scores it on `test`; returns (row, test predictions, probe).
+
+    `l2s`: the penalty sweep (None: the probe's default).
 
     The row holds top1, mean_per_class, the penalty, its held-out top-1 and the seconds.
     """
     start = time.perf_counter()
     x_train, train_mask = probe.shard_rows(train[0], mesh)
-    model = make_probe(method, probe_config, seed).fit(x_train, train[1], train_mask, num_classes)
+    model = make_probe(method, probe_config, seed, l2s).fit(x_train, train[1], train_mask, num_classes)
     x_test, test_mask = probe.shard_rows(test[0], mesh)
     scores = model.score(x_test, test[1], test_mask)
     predictions = model.predict(x_test)[: len(test[1])]
@@ -89,21 +98,21 @@ def fit_and_score(
     return row, predictions, model
 
 
-def _split_features(config, extractor, split: str, cache_dir: str):
+def _split_features(config, extractor, split: str, cache_dir: str | None, variables: Any = None):
     source = sources.open_source(config.dataset, split)
     name = {
         "name": config.dataset.name,
         "data_dir": os.path.abspath(os.path.expanduser(config.dataset.data_dir)),
         "split": split,
     }
-    x, y, mask = features.cached_features(
-        extractor, source, name, cache_dir, config.eval_batch_size
-    )
+    if cache_dir is None:  # Weights that change (an evaluator during training): no cache.
+        x, y, mask = extractor.extract(source, config.eval_batch_size, variables=variables)
+    else:
+        x, y, mask = features.cached_features(extractor, source, name, cache_dir, config.eval_batch_size)
     return x, y.astype(np.int64), mask, list(source.class_names)
 
 
-def _keep_classes(class_names: list[str], exclude: str) -> list[int]:
-    excluded = set(parse_list(exclude, str, "protocol.exclude_classes"))
+def _keep_classes(class_names: list[str], excluded: Sequence[str]) -> list[int]:
     for name in excluded:
         if name not in class_names:
             raise ConfigError(
@@ -120,37 +129,44 @@ def _relabel(x, y, mask, keep: list[int], num_classes: int):
     return x[valid], new_id[y[valid]]
 
 
-def protocol_splits(config: ml_collections.ConfigDict) -> list[str]:
+def protocol_splits(config: ml_collections.ConfigDict, lists: config_transfer.Lists) -> list[str]:
     """The splits a protocol reads: the pooled ones, or train and test (`dataset.val_split`)."""
     p = config.protocol
     if p.kind not in KINDS:
         raise ConfigError(unknown_name("config.protocol.kind", p.kind, KINDS))
     if p.kind == "pool":
-        return parse_list(p.pool_splits, str, "protocol.pool_splits")
+        return list(lists.pool_splits)
     return [config.dataset.train_split, config.dataset.val_split]
 
 
-def check_counts_before_features(config: ml_collections.ConfigDict) -> None:
+def check_counts_before_features(config: ml_collections.ConfigDict, lists: config_transfer.Lists) -> None:
     """Draws the protocol's trials on the splits' labels alone: a class too small to sample
     fails here, in one line, before any forward pass (the real draw drops undecodable images too)."""
-    splits = [sources.open_source(config.dataset, s) for s in protocol_splits(config)]
+    splits = [sources.open_source(config.dataset, s) for s in protocol_splits(config, lists)]
     class_names = list(splits[0].class_names)
-    keep = _keep_classes(class_names, config.protocol.exclude_classes)
+    keep = _keep_classes(class_names, lists.exclude_classes)
     parts = [_relabel(np.zeros(len(s)), np.asarray(s.labels, np.int64), np.ones(len(s)), keep, len(class_names))
              for s in splits]  # fmt: skip
     train_y = np.concatenate([y for _, y in parts]) if config.protocol.kind == "pool" else parts[0][1]
     test_y = None if config.protocol.kind == "pool" else parts[1][1]
-    sampling.draw_trials(config, train_y, test_y, [class_names[i] for i in keep])
+    sampling.draw_trials(config, lists.per_class, train_y, test_y, [class_names[i] for i in keep])
 
 
 def load_data(
-    config: ml_collections.ConfigDict, extractor: features.FeatureExtractor, cache_dir: str
+    config: ml_collections.ConfigDict,
+    lists: config_transfer.Lists,
+    extractor: features.FeatureExtractor,
+    cache_dir: str | None,
+    variables: Any = None,
 ):
-    """The protocol's features: (pool or train, test or None, class names)."""
+    """The protocol's features: (pool or train, test or None, class names).
+
+    `cache_dir` None: not cached, of `variables` (default: the extractor's run's weights).
+    """
     p = config.protocol
-    loaded = [_split_features(config, extractor, s, cache_dir) for s in protocol_splits(config)]
+    loaded = [_split_features(config, extractor, s, cache_dir, variables) for s in protocol_splits(config, lists)]
     class_names = loaded[0][3]
-    keep = _keep_classes(class_names, p.exclude_classes)
+    keep = _keep_classes(class_names, lists.exclude_classes)
     parts = [_relabel(x, y, m, keep, len(class_names)) for x, y, m, _ in loaded]
     names = [class_names[i] for i in keep]
     if p.kind == "pool":
@@ -180,7 +196,11 @@ def run_protocol(
             "Set --config.model.checkpoint=RUN (a training run or an imported model directory)."
         )
     mesh = mesh if mesh is not None else parallel.make_mesh()
-    check_counts_before_features(config)
+    lists = config_transfer.lists(config)  # The comma-separated keys, parsed once.
+    for method in lists.methods:  # Before the feature pass, not after it.
+        if method not in METHODS:
+            raise ConfigError(unknown_name("config.probe.methods entry", method, METHODS))
+    check_counts_before_features(config, lists)
     member = runs.load(config.model.checkpoint, runs.parse_checkpoint(config.model.step))
     f = config.features
     extractor = features.FeatureExtractor(
@@ -189,11 +209,11 @@ def run_protocol(
     if config.export.dir:
         export.check_exportable(extractor)  # Before the feature pass, not after it.
     cache_dir = f.cache_dir or os.path.join(workdir, "features")
-    (train_x, train_y), test, names = load_data(config, extractor, cache_dir)
-    trials = sampling.draw_trials(config, train_y, None if test is None else test[1], names)
+    (train_x, train_y), test, names = load_data(config, lists, extractor, cache_dir)
+    trials = sampling.draw_trials(config, lists.per_class, train_y, None if test is None else test[1], names)
     setting = export_setting(config, trials) if config.export.dir else None
-    methods = parse_list(config.probe.methods, str, "probe.methods")
-    rows, shown, fitted = run_trials(config, trials, (train_x, train_y), test, names, methods, mesh, setting)
+    methods = list(lists.methods)
+    rows, shown, fitted = run_trials(config, lists, trials, (train_x, train_y), test, names, mesh, setting)
     results = report.results_dict(config, member, extractor, names, methods, rows)
     if fitted:
         results["export"] = export_probe(config, member, extractor, names, fitted)
@@ -202,7 +222,7 @@ def run_protocol(
     return results
 
 
-def run_trials(config, trials, train, test, names, methods, mesh, export_setting_n):
+def run_trials(config, lists, trials, train, test, names, mesh, export_setting_n):
     """Every trial x method: (result rows, the representative trial for the confusion matrix,
     {method: (row, fitted probe)} of the export setting's first trial).
 
@@ -210,6 +230,7 @@ def run_trials(config, trials, train, test, names, methods, mesh, export_setting
     the mean over those trials (the best one would show a rosier matrix than the table).
     """
     train_x, train_y = train
+    methods = lists.methods
     largest = max({t.per_class for t in trials}, key=lambda n: (n == 0, n))  # 0 = all: the largest.
     rows, candidates, fitted = [], [], {}
     for trial in trials:
@@ -223,6 +244,7 @@ def run_trials(config, trials, train, test, names, methods, mesh, export_setting
                 (test_x[trial.test], test_y[trial.test]),
                 len(names),
                 probe.fit_mesh(mesh),
+                lists.l2s.get(method),
             )
             row.update(
                 method=method,

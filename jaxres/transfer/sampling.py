@@ -22,21 +22,9 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from jaxres.errors import ConfigError, DataError
+from jaxres.errors import DataError
 
 KINDS = ("pool", "split")
-
-
-def parse_list(text: str | int, kind: type = int, name: str = "value") -> list:
-    """ "15,30" -> [15, 30] (an int passes through)."""
-    if isinstance(text, (int, float)):
-        return [kind(text)]
-    try:
-        return [kind(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(
-            f"config.{name}={text!r}: expected comma-separated {kind.__name__}s, e.g. '15,30'."
-        ) from None
 
 
 @dataclasses.dataclass
@@ -136,17 +124,14 @@ def sample_split_trials(
 
 def draw_trials(
     config: ml_collections.ConfigDict,
+    per_class: Sequence[int],
     train_y: np.ndarray,
     test_y: np.ndarray | None,
     names: list[str],
 ) -> list[Trial]:
-    """The protocol's trials (checked: enough images in every class)."""
+    """The protocol's trials at each of `per_class` (`config_transfer.lists(config).per_class`),
+    checked: enough images in every class."""
     p = config.protocol
-    per_class = parse_list(p.per_class, int, "protocol.per_class")
-    if not per_class or min(per_class) < 0 or (p.kind == "pool" and min(per_class) < 1):
-        raise ConfigError(
-            f"config.protocol.per_class={p.per_class!r}: give positive counts, e.g. '15,30'."
-        )
     where = f"{config.dataset.name} ({p.pool_splits if p.kind == 'pool' else config.dataset.train_split})"
     if p.kind == "pool":
         return sample_pool_trials(
