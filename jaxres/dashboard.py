@@ -193,7 +193,10 @@ def descriptions(config: Mapping[str, Any], eval_names: Sequence[str]) -> dict[s
         "rate if a step ever beats it.",
         "time/input_wait": "Share of the step time the device waited for input.",
     }
-    for name in eval_names:
+    evals = config.get("evals") or {}
+    for name in eval_names:  # Classification evaluators (few-shot and probes report no loss).
+        if (evals.get(name) or {}).get("type", "classification") != "classification":
+            continue
         out[f"{name}/loss"] = (f"Cross-entropy on {name} **without label smoothing** (smoothing "
                                f"{smoothing} applies to train/loss only), so it can sit below train/loss.")  # fmt: skip
     return out
@@ -201,13 +204,15 @@ def descriptions(config: Mapping[str, Any], eval_names: Sequence[str]) -> dict[s
 
 def layout(eval_names: Sequence[str]) -> dict[str, dict[str, list]]:
     """The Custom Scalars tab: training and every evaluator of one quantity on one chart."""
-    splits = "|".join(["train", *map(re.escape, eval_names)])
+    names = "|".join(map(re.escape, eval_names))
+    splits = f"train|{names}"
     return {
         "train vs evaluation": {
             "loss (val: no label smoothing)": ["Multiline", [rf"^({splits})/loss$"]],
             "top-1": ["Multiline", [rf"^({splits})/(best_)?top1$"]],
             "top-5": ["Multiline", [rf"^({splits})/top5$"]],
-            "few-shot": ["Multiline", [r"^fewshot/"]],
+            # Few-shot and linear-probe evaluators: NAME/DATASET/Kshot, NAME/METHOD/N.
+            "few-shot and probes": ["Multiline", [rf"^(fewshot|{names})/[^/]+/"]],
         },
         "speed": {
             "images / s": ["Multiline", [r"^time/img_per_sec$"]],

@@ -14,7 +14,7 @@ import pytest
 
 from configs import demo
 from configs.transfer import fewshot
-from jaxres import dashboard, evaluate, predict, train
+from jaxres import config_base, dashboard, evaluate, predict, train
 from jaxres import metrics as metrics_lib
 from jaxres.transfer import runner
 
@@ -27,20 +27,21 @@ from tensorboard.util import tensor_util
 
 TRAINING_TAGS = {
     "train/loss", "train/top1", "train/grad_norm", "train/lr", "train/epoch",
-    "val/top1", "val/top5", "val/loss", "val/best_top1",
+    "val/top1", "val/top5", "val/loss", "val/mean_per_class", "val/best_top1", "fewshot/digits/2shot",
     "time/img_per_sec", "time/eta_s", "time/step_s", "time/data_s", "time/device_s",
-    "time/input_wait", "time/tflops_per_device", "time/mfu",
+    "time/input_wait", "time/tflops_per_device", "time/mfu", "time/val_eval_s", "time/fewshot_eval_s",
 }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """A smoke run (16 steps, evaluations at 8 and 16) run twice (the second restores and has
+    """A smoke run (16 steps, val at 8 and 16, few-shot at 16) run twice (the second restores and has
     nothing left to do), evaluated centre (twice) and 10-crop, probed, and predicted with a grid."""
     root = tmp_path_factory.mktemp("runs")
     workdir, data_dir = str(root / "demo"), str(tmp_path_factory.mktemp("data"))
     config = demo.get_config("smoke")
     config.dataset.data_dir = data_dir
+    config.evals.fewshot = config_base.fewshot_eval("digits", every="2ep", shots="2", trials=1)
     with contextlib.redirect_stdout(io.StringIO()):
         train.train_and_evaluate(config, workdir)
         train.train_and_evaluate(config, workdir)
@@ -108,6 +109,7 @@ def test_config_as_hparams_and_text_notes_and_summary(demo_run):
     hparams = hparams_metadata.parse_session_start_info_plugin_data(content).hparams
     assert hparams["model.name"].string_value == "resnetv2_tiny"
     assert hparams["loss.label_smoothing"].number_value == pytest.approx(0.1)
+    assert hparams["evals.fewshot.shots"].string_value == "2"
     texts = {t: tensor_util.make_ndarray(acc.Tensors(t)[-1].tensor_proto).item().decode()
              for t in acc.PluginTagToContent("text")}  # fmt: skip
     assert {
@@ -136,6 +138,7 @@ def test_train_and_val_share_charts_in_the_custom_scalars_layout(demo_run):
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     loss = next(c for title, c in charts.items() if title.startswith("loss"))
     assert all(any(re.search(r, t) for r in loss) for t in ("train/loss", "val/loss"))
+    assert any(re.search(r, "fewshot/digits/2shot") for r in charts["few-shot and probes"])
 
 
 def test_pictures_are_images(demo_run):
