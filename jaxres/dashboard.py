@@ -5,10 +5,10 @@ the results of evaluate.py / linear_probe.py next to training's curves.
 What a run shows (metrics.jsonl keys stay as they are; only the tags are grouped):
 
     Scalars   train/{loss,top1,grad_norm,lr,epoch,skipped}    (skipped: once it is not always 0)
-              val/{top1,top5,loss,best_top1}                   (an evaluator NAME: NAME/...)
+              val/{top1,top5,loss,mean_per_class,best_top1}    (an evaluator NAME: NAME/...)
               time/{img_per_sec,step_s,data_s,device_s,input_wait,tflops_per_device,mfu,eta_s,
                     NAME_eval_s}
-              fewshot/...                                      (keys holding a '/' are kept)
+              fewshot/DATASET/Kshot, NAME/METHOD/N             (keys holding a '/' are kept)
               evaluate/<views>/..., probe/<dataset>/<probe>_<N>/...   (the scripts' results)
     Custom Scalars   train and evaluation of one quantity on one chart
     HParams   the resolved config (flattened keys); every scalar is a metric column (last value)
@@ -70,12 +70,13 @@ def logdir(workdir: str) -> str:
 
 
 class EventFile:
-    """A TensorBoard event file whose events are on disk when `add_*` returns.
+    """A TensorBoard event file written synchronously: on disk at each `flush` (`RunBoard`
+    flushes every row).
 
     tensorboardX's SummaryWriter hands events to a thread that flushes every 30 s, so a crash
     or kill -9 lost the steps since (a run's first event file could stay empty); here every
-    write is flushed: 55 us a flush, 0.58 ms for a whole log row of 15 scalars with its JSON
-    line (2-core AVX-512 EPYC, load 1.3), once per log step. `purge_step`: TensorBoard drops the
+    row is flushed: 0.45 ms for a whole log row of 15 scalars with its JSON line and the tag
+    bookkeeping (2-core AVX-512 EPYC, load 2.3, Dec 2026), once per log step. `purge_step`: TensorBoard drops the
     events of this step and later ones from earlier files (a resumed run logs them again).
     `suffix`: the file name's end (default: the process id).
     """
@@ -98,28 +99,20 @@ class EventFile:
         """A scalar as TensorFlow 2 writes one (a float tensor of the `scalars` plugin), so that
         TensorBoard's fast loader keeps `description` (markdown, behind the chart's info icon; read
         from a tag's first event), which it drops from a TF1 `simple_value`."""
-        pb = self._tbx.summary_pb2
-        tensor = self._tbx.tensor_pb2.TensorProto(
-            dtype="DT_FLOAT",
-            float_val=[float(value)],
-            tensor_shape=self._tbx.tensor_shape_pb2.TensorShapeProto(),
-        )
-        meta = pb.SummaryMetadata(summary_description=description,
-                                  plugin_data=pb.SummaryMetadata.PluginData(plugin_name="scalars"))  # fmt: skip
-        self.add(pb.Summary(value=[pb.Summary.Value(tag=tag, metadata=meta, tensor=tensor)]), step)
+        tensor = self._tbx.tensor_pb2.TensorProto(dtype="DT_FLOAT", float_val=[float(value)])
+        self._add_tensor(tag, "scalars", tensor, step, description)
 
     def add_text(self, tag: str, markdown: str, step: int) -> None:
         """A Text-tab entry under exactly `tag` (tensorboardX's `text` appends '/text_summary')."""
-        pb, tensor = self._tbx.summary_pb2, self._tbx.tensor_pb2
-        plugin = pb.SummaryMetadata.PluginData(plugin_name="text")
-        shape = self._tbx.tensor_shape_pb2.TensorShapeProto(
-            dim=[self._tbx.tensor_shape_pb2.TensorShapeProto.Dim(size=1)]
-        )
-        value = tensor.TensorProto(
-            dtype="DT_STRING", string_val=[markdown.encode()], tensor_shape=shape
-        )
-        meta = pb.SummaryMetadata(plugin_data=plugin)
-        self.add(pb.Summary(value=[pb.Summary.Value(tag=tag, metadata=meta, tensor=value)]), step)
+        tensor = self._tbx.tensor_pb2.TensorProto(dtype="DT_STRING", string_val=[markdown.encode()])
+        tensor.tensor_shape.dim.add(size=1)
+        self._add_tensor(tag, "text", tensor, step)
+
+    def _add_tensor(self, tag: str, plugin: str, tensor: Any, step: int, description: str = "") -> None:
+        pb = self._tbx.summary_pb2
+        meta = pb.SummaryMetadata(summary_description=description,
+                                  plugin_data=pb.SummaryMetadata.PluginData(plugin_name=plugin))  # fmt: skip
+        self.add(pb.Summary(value=[pb.Summary.Value(tag=tag, metadata=meta, tensor=tensor)]), step)
 
     def add_png(self, tag: str, path: str, step: int) -> None:
         """The PNG file at `path`, as written (no decoding and encoding again)."""
@@ -129,15 +122,9 @@ class EventFile:
             data = f.read()
         with Image.open(io.BytesIO(data)) as im:
             width, height, channels = im.width, im.height, len(im.getbands())
-        image = self._tbx.summary_pb2.Summary.Image(
-            height=height, width=width, colorspace=channels, encoded_image_string=data
-        )
-        self.add(
-            self._tbx.summary_pb2.Summary(
-                value=[self._tbx.summary_pb2.Summary.Value(tag=tag, image=image)]
-            ),
-            step,
-        )
+        pb = self._tbx.summary_pb2
+        image = pb.Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=data)
+        self.add(pb.Summary(value=[pb.Summary.Value(tag=tag, image=image)]), step)
 
     def add_hparams(self, hparams: Mapping[str, Any], step: int) -> None:
         """The HParams tab's session start (its columns are inferred across the runs opened, so
