@@ -19,9 +19,10 @@ $(CORE): pyproject.toml
 	touch $@
 
 # + TensorFlow (dataset preparation through tfds), torch / timm / Keras
-# (weight-import parity) and DALI (its decoder runs on the CPU too): the test suite exercises all.
+# (weight-import parity), DALI (its decoder runs on the CPU too) and TensorBoard (reads the
+# runs' events back): the test suite exercises all.
 $(FULL): $(CORE)
-	$(PY) -m pip install -q -e '.[dev,prepare,convert,dali]'
+	$(PY) -m pip install -q -e '.[dev,prepare,convert,dali,tensorboard]'
 	touch $@
 
 # Train on the embedded digits dataset, evaluate the best checkpoint, run a

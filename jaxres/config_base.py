@@ -126,8 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Periods (jaxres/periods.py): "500" steps, "2ep" epochs, "50000ex" training examples.
     c.log_every = "100"
-    # "START:END": trace steps START..END with jax.profiler into WORKDIR/tb (TensorBoard's
-    # Profile tab, Perfetto); "" = off.
+    # "START:END": trace steps START..END with jax.profiler into WORKDIR/plugins/profile
+    # (TensorBoard's Profile tab, Perfetto); "" = off.
     c.profile_steps = ""
 
     c.checkpoint = ml_collections.ConfigDict()

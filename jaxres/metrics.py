@@ -1,17 +1,16 @@
 """Training metrics (clu), and the one writer: metrics.jsonl and TensorBoard (the console:
-`jaxres.console`).
+`jaxres.console`; what TensorBoard shows: `jaxres.dashboard`).
 
 Only process 0 writes. Metric names carry their split as a prefix where it
-is not training (`val_top1`, `val_top5`, `val_loss`).
+is not training (`val_top1`, `val_top5`, `val_loss`); TensorBoard groups them
+(`train/loss`, `val/top1`, `time/mfu`).
 """
 
 # No `from __future__ import annotations`: clu reads the metric classes from annotations.
 
 import json
 import os
-import sys
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -19,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
+
+from jaxres import dashboard
+from jaxres.dashboard import EventFile  # noqa: F401 - its home before jaxres.dashboard.
 
 
 @flax.struct.dataclass
@@ -110,63 +112,17 @@ def summarize_sums(total: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return summary
 
 
-def _tensorboardx() -> Any:
-    """tensorboardX's event-file modules (no TensorFlow needed), imported without PyTorch.
-
-    tensorboardX imports torch whenever it is installed (the `[convert]` extra), only to accept
-    torch tensors: 2-3 s of every training run's start-up on 2 cores. Scalars need none of it.
-    """
-    import types
-
-    blocked = "torch" not in sys.modules
-    if blocked:
-        sys.modules["torch"] = None  # type: ignore[assignment] # `import torch` raises ImportError.
-    try:
-        from tensorboardX import event_file_writer, summary
-        from tensorboardX.proto import event_pb2
-    finally:
-        if blocked:
-            del sys.modules["torch"]
-    return types.SimpleNamespace(EventsWriter=event_file_writer.EventsWriter, summary=summary, event_pb2=event_pb2)
-
-
-class EventFile:
-    """A TensorBoard event file whose events are on disk when `add` returns.
-
-    tensorboardX's SummaryWriter hands events to a thread that flushes every 30 s, so a crash
-    or kill -9 lost the steps since (a run's first event file could stay empty); here every
-    write is flushed: 55 us a flush, 0.58 ms for a whole log row of 15 scalars with its JSON
-    line (2-core AVX-512 EPYC, load 1.3), once per log step. `purge_step`: TensorBoard drops the events of
-    this step and later ones from earlier files (a resumed run logs them again).
-    """
-
-    def __init__(self, logdir: str, purge_step: int | None = None):
-        self._tbx = _tensorboardx()
-        os.makedirs(logdir, exist_ok=True)
-        self._writer = self._tbx.EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")
-        if purge_step is not None:
-            log = self._tbx.event_pb2.SessionLog(status=self._tbx.event_pb2.SessionLog.START)
-            self._write(self._tbx.event_pb2.Event(step=purge_step, session_log=log))
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self._write(self._tbx.event_pb2.Event(step=step, summary=self._tbx.summary.scalar(tag, value)))
-
-    def _write(self, event: Any) -> None:
-        event.wall_time = time.time()
-        self._writer.write_event(event)
-
-    def flush(self) -> None:
-        self._writer.flush()
-
-    def close(self) -> None:
-        self._writer.close()
-
-
 class MetricWriter:
-    """Writes `metrics.jsonl` and TensorBoard events under `tb/` (`config.json`: `jaxres.runs`)."""
+    """Writes `metrics.jsonl` and TensorBoard events (`jaxres.dashboard`: in the run's folder, or
+    `tb/` for a run that started there; `config.json`: `jaxres.runs`)."""
 
     def __init__(
-        self, workdir: str, enabled: bool | None = None, tensorboard: bool = True, resume_step: int | None = None
+        self,
+        workdir: str,
+        enabled: bool | None = None,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        eval_names: Sequence[str] | None = None,
     ):
         """Opens the writers (process 0 only, unless `enabled` says otherwise).
 
@@ -174,25 +130,25 @@ class MetricWriter:
           resume_step: the step a resumed run restarts from: rows of later steps (logged before
             a crash, to be logged again) are dropped from metrics.jsonl, and TensorBoard
             purges its events after it, so every step appears once.
+          eval_names: the evaluators whose keys `NAME_x` become TensorBoard's `NAME/x` (default:
+            those of the run's config.json, else `val`).
         """
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = workdir
         self._jsonl = None
         self._tb = None
-        self._tags_at: tuple[int, set[str]] = (-1, set())  # TensorBoard tags written at one step.
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
         if resume_step is not None:
             _drop_rows_after(path, resume_step)
-        self._jsonl = open(path, "a")  # noqa: SIM115 - open for the writer's lifetime.
         if tensorboard:
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = EventFile(os.path.join(workdir, "tb"), purge_step=purge)
+            self._tb = dashboard.RunBoard(workdir, eval_names, resume_step, read_rows(workdir))
+        self._jsonl = open(path, "a")  # noqa: SIM115 - open for the writer's lifetime.
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """One JSON line (with `step`) and one TensorBoard scalar per value."""
+        """One JSON line (with `step`) and one TensorBoard scalar per value (each tag once a step)."""
         if not self.enabled:
             return
         row = {"step": int(step)}
@@ -200,16 +156,7 @@ class MetricWriter:
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            if self._tags_at[0] != step:
-                self._tags_at = (step, set())
-            written = self._tags_at[1]
-            for k, v in row.items():
-                tag = k.replace("_", "/", 1) if k.startswith("val_") else k
-                # Once per step: a log step and an evaluation at one step both carry `epoch`.
-                if k != "step" and isinstance(v, (int, float)) and tag not in written:
-                    self._tb.add_scalar(tag, v, step)
-                    written.add(tag)
-            self._tb.flush()
+            self._tb.write(int(step), row)
 
     def close(self) -> None:
         if self._jsonl is not None:

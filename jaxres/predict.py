@@ -248,3 +248,18 @@ def draw_grid(
     from jaxres import plots
 
     plots.prediction_grid(predictions, output, thumb, columns)
+
+
+def log_grid(run: str, checkpoint: str | int, grid: str) -> None:
+    """The grid as TensorBoard's image `pictures/predictions` in the run's dashboard, at the step
+    of the checkpoint that predicted (`jaxres.dashboard.log_results`)."""
+    from jaxres import checkpoint as ckpt_lib
+    from jaxres import dashboard
+
+    run, which = runs._run_and_checkpoint(run, checkpoint)
+    checkpointer = runs.open_checkpoints(run)
+    try:
+        step = ckpt_lib.resolve_step(checkpointer, which)
+    finally:
+        checkpointer.close()
+    dashboard.log_results(runs.run_directory(run), "predictions", step, images={"pictures/predictions": grid})

@@ -1,6 +1,7 @@
 """The profiler window: `config.profile_steps="START:END"` traces those steps with
-`jax.profiler` into `WORKDIR/tb/plugins/profile/<time>/` (TensorBoard's Profile tab reads
-`*.xplane.pb`; `perfetto_trace.json.gz` opens in https://ui.perfetto.dev).
+`jax.profiler` into `WORKDIR/plugins/profile/<time>/`, beside the run's events (`WORKDIR/tb/...`
+for a run started before Dec 2026: `jaxres.dashboard.logdir`). TensorBoard's Profile tab reads
+`*.xplane.pb`; `perfetto_trace.json.gz` opens in https://ui.perfetto.dev.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class ProfileWindow:
         where = traces[-1] if traces else self.logdir
         last = f"..{step}" if step is not None and step != self.first else ""
         log_line(
-            f"Profiled step {self.first}{last}: {where} (TensorBoard: pip install tensorboard "
-            f"tensorboard-plugin-profile; tensorboard --logdir {self.logdir}, Profile tab. Perfetto: "
+            f"Profiled step {self.first}{last}: {where} (TensorBoard: pip install -e '.[tensorboard]'; "
+            f"tensorboard --logdir {self.logdir}, Profile tab. Perfetto: "
             "open its perfetto_trace.json.gz in https://ui.perfetto.dev)."
         )

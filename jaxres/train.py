@@ -43,6 +43,7 @@ from jaxres import (
     runs,
 )
 from jaxres import metrics as metrics_lib
+from jaxres import dashboard
 from jaxres import state as state_lib
 from jaxres.data import dali, loader, sources
 from jaxres.errors import ConfigError, NonFiniteLossError
@@ -252,7 +253,7 @@ def train_and_evaluate(
 
     Args:
       config: a config from `configs/` (see `jaxres.config_base` for the keys).
-      workdir: where config.json, metrics.jsonl, tb/ and checkpoints/ go.
+      workdir: where config.json, metrics.jsonl, TensorBoard's events and checkpoints/ go.
       devices: the devices to use (default: all of every process).
     """
     mesh = parallel.make_mesh(devices)
@@ -291,7 +292,7 @@ def train_and_evaluate(
         if start < total_steps:  # Compiled here, found cached by the loop; one line says what a step costs.
             batches = profiling.compile_and_describe(step_fn, state, batches, timer, cost, config)
         loop = _Loop(config, checkpointer, writer, schedule, steps_per_epoch, total_steps, start, timer)
-        window = profiler.ProfileWindow(config.profile_steps, os.path.join(workdir, "tb"))
+        window = profiler.ProfileWindow(config.profile_steps, dashboard.logdir(workdir))
         # Before `finally`: closing would wait for the dead.
         with interrupts.exit_if_a_peer_is_lost(), contextlib.closing(window):
             state = loop.run(state, batches, step_fn, evals, preemption, window)
@@ -300,8 +301,10 @@ def train_and_evaluate(
         checkpointer.close()
         if writer is not None:
             writer.close()
-    if jax.process_index() == 0 and plots.write_curves([workdir], os.path.join(workdir, "curves.png")):
-        console.log_line(f"Training curves: {os.path.join(workdir, 'curves.png')}")
+    curves = os.path.join(workdir, "curves.png")
+    if jax.process_index() == 0 and plots.write_curves([workdir], curves):
+        console.log_line(f"Training curves: {curves}")
+        dashboard.log_results(workdir, "curves", int(state.step), images={"pictures/curves": curves})
     return state
 
 

@@ -5,7 +5,9 @@
 
 Prints the number of images counted (every one: the last batch is padded and
 masked), top-1, top-5, mean per-class accuracy and loss. --ensemble averages
-the members' probabilities. Multi-process: the flags of scripts/train.py.
+the members' probabilities. The results also go to the (first) run's TensorBoard:
+`evaluate/<center|10crop>[_ensembleN]/top1` etc. at the checkpoint's step, and a text table.
+Multi-process: the flags of scripts/train.py.
 """
 
 import json
@@ -34,7 +36,9 @@ def main(argv):
     f = flags.FLAGS
     cli.initialize_distributed_from_flags()
     with cli.user_errors():
-        from jaxres import evaluate, runs
+        import jax
+
+        from jaxres import dashboard, evaluate, runs
         from jaxres.errors import ConfigError
 
         run_dirs = [r for r in (f.ensemble or "").split(",") if r] or ([f.workdir] if f.workdir else [])
@@ -52,6 +56,8 @@ def main(argv):
         if f.output:
             with open(f.output, "w") as out:
                 json.dump(results, out, indent=2)
+        if jax.process_index() == 0:
+            dashboard.log_evaluation(results)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def main(argv):
         if f.grid:
             predict.draw_grid(predictions, f.grid)
             print(f"Grid: {f.grid}")
+            predict.log_grid(f.workdir, runs.parse_checkpoint(f.checkpoint), f.grid)
 
 
 if __name__ == "__main__":

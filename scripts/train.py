@@ -12,7 +12,7 @@ from ml_collections import config_flags
 from jaxres import cli
 
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with :arg.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, tb/).", required=True)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, TensorBoard events).", required=True)
 cli.define_distributed_flags()
 
 

@@ -139,7 +139,7 @@ def test_metrics_rows_and_progress_line_carry_the_breakdown(smoke_run):
 
 def test_profile_window_writes_a_trace(smoke_run):
     workdir, console = smoke_run
-    traces = glob.glob(os.path.join(workdir, "tb", "plugins", "profile", "*", "*.xplane.pb"))
+    traces = glob.glob(os.path.join(workdir, "plugins", "profile", "*", "*.xplane.pb"))  # Beside the events.
     assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
     assert glob.glob(os.path.join(os.path.dirname(traces[0]), "perfetto_trace.json.gz"))
     assert "Profiled step 3..4" in console
@@ -363,7 +363,9 @@ def _tensorboard_scalars(logdir: str) -> list[tuple[int, str, float]]:
             (length,) = struct.unpack("<Q", data[offset : offset + 8])
             event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
-            out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+            # jaxres writes scalars as TensorFlow 2 does (a float tensor); older runs, simple_value.
+            out += [(event.step, v.tag, v.tensor.float_val[0] if v.tensor.float_val else v.simple_value)
+                    for v in event.summary.value if v.HasField("simple_value") or v.tensor.float_val]  # fmt: skip
     return out
 
 
@@ -374,8 +376,9 @@ def test_tensorboard_has_every_logged_step_before_close_and_each_tag_once(tmp_pa
     writer.write(4, {"loss": 1.5, "epoch": 0.5})
     writer.write(4, {"val_top1": 0.25, "epoch": 0.5})  # The evaluation at the same step.
     writer.write(8, {"loss": 1.0, "epoch": 1.0})
-    scalars = _tensorboard_scalars(os.path.join(str(tmp_path), "tb"))  # Not closed: as after kill -9.
-    assert sorted(scalars) == [(4, "epoch", 0.5), (4, "loss", 1.5), (4, "val/top1", 0.25), (8, "epoch", 1.0), (8, "loss", 1.0)]
+    scalars = _tensorboard_scalars(str(tmp_path))  # Not closed: as after kill -9.
+    assert sorted(scalars) == [(4, "train/epoch", 0.5), (4, "train/loss", 1.5), (4, "val/best_top1", 0.25),
+                               (4, "val/top1", 0.25), (8, "train/epoch", 1.0), (8, "train/loss", 1.0)]  # fmt: skip
     writer.close()
 
 

@@ -1,5 +1,6 @@
 """Trainer: sharding equivalence, accumulation, eval coverage, checkpoints, user errors."""
 
+import glob
 import json
 import os
 
@@ -131,7 +132,7 @@ def test_train_resume_and_checkpoint_policy(data_dir, tmp_path):
     evals = [r for r in rows if "val_top1" in r]
     assert [r["step"] for r in evals] == [8, 16] and all(r["val_count"] == 100 for r in evals)
     assert {"step", "epoch", "loss", "lr", "img_per_sec"} <= set(rows[0])
-    assert os.path.isdir(f"{workdir}/tb") and os.path.exists(f"{workdir}/config.json")
+    assert glob.glob(f"{workdir}/events.out.tfevents.*") and os.path.exists(f"{workdir}/config.json")
     resumed = train.train_and_evaluate(config, workdir)
     assert int(resumed.step) == 16
     np.testing.assert_array_equal(

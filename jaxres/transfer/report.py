@@ -1,7 +1,7 @@
 """Transfer results, the protocol's and the folder flow's: tables, results.json, pictures.
 
 A protocol (`runner.run_protocol`): mean +- std over trials, the printed table,
-results.json / .csv, confusion.png. A folder (`folder.transfer_folder`): per-class
+results.json / .csv, confusion.png, and all of it in the backbone run's TensorBoard. A folder (`folder.transfer_folder`): per-class
 accuracy, the printed table, results.json, confusion.png, predictions.png.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxres import plots, predict
+from jaxres import dashboard, plots, predict
 from jaxres.console import log_line
 
 
@@ -80,7 +80,8 @@ def table(results: dict[str, Any]) -> str:
 def write_outputs(
     workdir: str, results: dict[str, Any], rows: list[dict], shown: tuple, names: list[str]
 ) -> None:
-    """results.json, results.csv (one row per trial and probe), confusion.png; prints the table.
+    """results.json, results.csv (one row per trial and probe), confusion.png; prints the table
+    and logs the results to the backbone run's TensorBoard (`dashboard.log_probe`).
 
     Args:
       shown: (row, labels, predictions) of the trial the confusion matrix shows (the
@@ -99,8 +100,9 @@ def write_outputs(
         f"{row['method']} probe, N={row['per_class'] or 'all'} per class, trial {row['trial']}: top-1 "
         f"{100 * row['top1']:.1f}% (the trial closest to the mean over trials, {100 * mean:.1f}%)"
     )
-    plots.confusion(labels, predictions, names, title, os.path.join(workdir, "confusion.png"))
+    confusion_png = plots.confusion(labels, predictions, names, title, os.path.join(workdir, "confusion.png"))
     log_line(table(results))
+    dashboard.log_probe(results, table(results), confusion_png)
 
 
 # ---------------------------------------------------------------- the folder flow (scripts/transfer.py)
