@@ -151,7 +151,7 @@ class FewShot(Evaluator):
         trials = sampling.draw_trials(tc, lists.per_class, train_y, test_y, names)
         drawn = np.unique(np.concatenate([t.train for t in trials]))
         source = sources.Concat(sources.Subset(train, drawn), test)
-        return dict(config=tc, lists=lists, trials=trials, drawn=drawn, source=source, names=names)
+        return {"config": tc, "lists": lists, "trials": trials, "drawn": drawn, "source": source, "names": names}
 
     def run(self, variables):
         out = {}

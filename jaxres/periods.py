@@ -43,7 +43,7 @@ def to_steps(text: str | float, steps_per_epoch: int, batch_size: int, name: str
     if amount == 0:
         return 0
     if unit == "epochs":
-        return max(1, int(round(amount * steps_per_epoch)))
+        return max(1, round(amount * steps_per_epoch))
     if unit == "examples":
         return max(1, math.ceil(amount / batch_size))
     return int(amount)

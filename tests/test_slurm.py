@@ -16,7 +16,7 @@ import time
 
 import pytest
 import slurm_cluster
-from test_cli import REPO, _env, _final, _rows, _train_cmd
+from test_cli import FAULTS_CONFIG, REPO, _env, _final, _rows, _train_cmd
 from test_faults import _assert_each_step_once, _assert_matches_one_process
 
 from jaxres import checkpoint as ckpt_lib
@@ -57,13 +57,14 @@ def _job_env(cluster) -> dict:
 def _srun(cluster, workdir: str, data_dir: str, name: str, *opts: str) -> subprocess.Popen:
     """README's srun line: 2 tasks of `train.py --multihost`, started in the background."""
     cmd = ["srun", f"--job-name={name}", "--ntasks=2", "--kill-on-bad-exit=1", *opts]
-    return subprocess.Popen(cmd + _train_cmd(workdir, data_dir, "--multihost"), env=_job_env(cluster), cwd=REPO,
+    train = _train_cmd(workdir, data_dir, "--multihost", config=FAULTS_CONFIG)  # As test_faults' runs.
+    return subprocess.Popen(cmd + train, env=_job_env(cluster), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 def _sbatch(cluster, workdir: str, data_dir: str, log: str, *opts: str) -> str:
     """scripts/slurm/train.sbatch as the README submits it, on this cluster's one node; its job id."""
-    args = _train_cmd(workdir, data_dir)[2:]  # The file runs `python scripts/train.py --multihost`.
+    args = _train_cmd(workdir, data_dir, config=FAULTS_CONFIG)[2:]  # The file runs `train.py --multihost`.
     cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--output={log}", *opts, SBATCH, *args]
     result = subprocess.run(cmd, env=_job_env(cluster), cwd=REPO, capture_output=True, text=True,
                             timeout=60, check=True)  # fmt: skip
