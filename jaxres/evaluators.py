@@ -250,6 +250,12 @@ def check(config: ml_collections.ConfigDict) -> None:
         periods.parse(spec.every, f"evals.{name}.every")
     if config.checkpoint.best_mode not in ("max", "min"):
         raise ConfigError(f"config.checkpoint.best_mode={config.checkpoint.best_mode!r}: use 'max' or 'min'.")
+    best, names = config.checkpoint.best_metric, sorted(config.evals)
+    if not any(best.startswith((f"{n}_", f"{n}/")) for n in names):
+        raise ConfigError(
+            f"config.checkpoint.best_metric={best!r} is logged by no evaluator ({', '.join(names)}); name "
+            "one of their keys, e.g. val_top1, val_loss (with best_mode=min) or fewshot/DATASET/10shot."
+        )
 
 
 def run_due(

@@ -41,6 +41,10 @@ def test_a_bad_evaluator_is_named_before_training(tmp_path):
         config.evals.oops.type = "clasification"
     with pytest.raises(ConfigError, match=r"config.evals.oops.type 'clasification'.*classification"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
+    config = demo.get_config("smoke")
+    config.checkpoint.best_metric = "v2_top1"
+    with pytest.raises(ConfigError, match=r"best_metric='v2_top1' is logged by no evaluator \(val\)"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 PROTOCOL = '''
