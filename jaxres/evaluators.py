@@ -88,7 +88,7 @@ class Classification(Evaluator):
                 f"config.evals.{name} reads {dataset.name!r} split {self.split!r} with {found} classes; the "
                 f"model has {config.dataset.num_classes}. Evaluate on a dataset with the training classes."
             )
-        if dataset.val_limit and not spec.dataset and not spec.split:  # Smoke runs: a fixed subset.
+        if dataset.val_limit and not spec.dataset:  # Smoke runs: a fixed subset.
             self.source = sources.limited(self.source, dataset.val_limit)
         self.config, self.eval_fn, self.mesh, self.views = config, eval_fn, mesh, spec.views
 
@@ -117,11 +117,12 @@ def validate(
     return {f"{prefix}_{k}": v for k, v in summary.items()}
 
 
-def _extractor(config, model, variables, layer: str, mesh) -> features.FeatureExtractor:
+def _extractor(config, model, variables, mesh, layer: str, **options: Any) -> features.FeatureExtractor:
     """The training run's features of `layer` with its evaluation preprocessing (as `runs.load` would
-    give `scripts/linear_probe.py`); weights are passed to each `extract`."""
+    give `scripts/linear_probe.py`); weights are passed to each `extract`. `options`: the
+    extractor's pool, views, image_size, crop_ratio."""
     member = runs.LoadedRun(run="", step=0, config=config, model=model, variables=variables, meta={})
-    return features.FeatureExtractor(member, layer, mesh=mesh)
+    return features.FeatureExtractor(member, layer, mesh=mesh, **options)
 
 
 class FewShot(Evaluator):
@@ -130,7 +131,7 @@ class FewShot(Evaluator):
     def __init__(self, name, spec, config, model, variables, mesh, steps_per_epoch):
         super().__init__(name, spec, steps_per_epoch, config.batch_size)
         self.mesh, self.batch_size = mesh, config.eval_batch_size
-        self.extractor = _extractor(config, model, variables, spec.layer, mesh)
+        self.extractor = _extractor(config, model, variables, mesh, spec.layer)
         self.tasks = []
         for dataset in config_transfer.parse_list(spec.datasets, str, f"evals.{name}.datasets"):
             tc = config_transfer.fewshot_config(dataset)
@@ -197,10 +198,8 @@ class LinearProbe(Evaluator):
         self.lists = config_transfer.lists(self.protocol)
         runner.check_counts_before_features(self.protocol, self.lists)
         f = self.protocol.features
-        member = runs.LoadedRun(run="", step=0, config=config, model=model, variables=variables, meta={})
-        self.extractor = features.FeatureExtractor(
-            member, f.layer, f.pool, f.views, f.image_size or None, f.crop_ratio or None, mesh
-        )
+        self.extractor = _extractor(config, model, variables, mesh, f.layer, pool=f.pool, views=f.views,
+                                    image_size=f.image_size or None, crop_ratio=f.crop_ratio or None)  # fmt: skip
         self.mesh = mesh
 
     def run(self, variables):
