@@ -1,6 +1,6 @@
 """Evaluators that run during training (`config.evals`), each on its own period.
 
-    evals = evaluators.build(config, model, eval_fn, mesh, steps_per_epoch, workdir)
+    evals = evaluators.build(config, model, eval_fn, variables, mesh, steps_per_epoch)
     at a step:  metrics = evaluators.run_due(evals, step, last, variables)
 
 As big_vision's `config.evals`: a dict of named evaluators, each with a `type`,
@@ -226,12 +226,11 @@ def build(
     mesh: jax.sharding.Mesh,
     steps_per_epoch: int,
 ) -> list[Evaluator]:
-    """The evaluators of `config.evals`, in name order; data opened and draws made once, here."""
+    """The evaluators of `config.evals` (passed by `check`), in name order; data opened and draws
+    made once, here."""
     out = []
     for name in sorted(config.evals):
         spec = config.evals[name]
-        if spec.get("type") not in EVAL_TYPES:
-            raise ConfigError(unknown_name(f"config.evals.{name}.type", spec.get("type"), EVAL_TYPES))
         if spec.type == "classification":
             out.append(Classification(name, spec, config, eval_fn, mesh, steps_per_epoch))
         elif spec.type == "fewshot":

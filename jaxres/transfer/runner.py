@@ -140,8 +140,12 @@ def protocol_splits(config: ml_collections.ConfigDict, lists: config_transfer.Li
 
 
 def check_counts_before_features(config: ml_collections.ConfigDict, lists: config_transfer.Lists) -> None:
-    """Draws the protocol's trials on the splits' labels alone: a class too small to sample
-    fails here, in one line, before any forward pass (the real draw drops undecodable images too)."""
+    """Checks the probe methods and draws the protocol's trials on the splits' labels alone: an
+    unknown method or a class too small to sample fails here, in one line, before any forward
+    pass (the real draw drops undecodable images too)."""
+    for method in lists.methods:
+        if method not in METHODS:
+            raise ConfigError(unknown_name("config.probe.methods entry", method, METHODS))
     splits = [sources.open_source(config.dataset, s) for s in protocol_splits(config, lists)]
     class_names = list(splits[0].class_names)
     keep = _keep_classes(class_names, lists.exclude_classes)
@@ -197,9 +201,6 @@ def run_protocol(
         )
     mesh = mesh if mesh is not None else parallel.make_mesh()
     lists = config_transfer.lists(config)  # The comma-separated keys, parsed once.
-    for method in lists.methods:  # Before the feature pass, not after it.
-        if method not in METHODS:
-            raise ConfigError(unknown_name("config.probe.methods entry", method, METHODS))
     check_counts_before_features(config, lists)
     member = runs.load(config.model.checkpoint, runs.parse_checkpoint(config.model.step))
     f = config.features
