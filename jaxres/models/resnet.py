@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxres.errors import ConfigError, unknown_name
-from jaxres.models import cpu_conv
+from jaxres.models import cpu_conv, cpu_pool
 
 ModuleDef = Any
 Dtype = Any
@@ -522,13 +522,13 @@ class ResNet(nn.Module):
             x = self.act(norm(name="stem_norm")(x))
         if self.stem_type == "default":
             # max_pool pads with -inf, as PyTorch's MaxPool2d(padding=1) does.
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = cpu_pool.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         elif self.stem_type == "fixed":
             # BiT pads with zeros (not -inf): that matters for the un-activated v2 stem.
             x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+            x = cpu_pool.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
         elif self.stem_type == "same":
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            x = cpu_pool.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         return x
 
 
