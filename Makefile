@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 CORE := $(VENV)/.installed-core
 FULL := $(VENV)/.installed-full
 WORKDIR ?= runs/demo
+# glibc backs XLA:CPU's large buffers with transparent huge pages (jaxres/hostmem.py; the CPU
+# train step 1.3-1.4x faster): set here, so the scripts need not restart themselves for it.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: venv venv-full demo test smoke-core bench fmt clean
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from absl import flags
 from absl import logging as absl_logging
 
+from jaxres import hostmem
 from jaxres.config_base import CACHE_DIR, MOVED_KEYS, moved_value
 from jaxres.errors import JaxresError
 
@@ -63,6 +64,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     Pass as `app.run(main, flags_parser=cli.parse_flags)`. `--help` prints the
     script's docstring and every flag it takes (the shared ones of this module too).
     """
+    hostmem.restart_with_huge_pages()
     if any(arg in HELP_ARGS for arg in argv[1:]):
         print_help()
         sys.exit(0)

@@ -4,10 +4,15 @@ import os
 import shutil
 import tempfile
 
+from jaxres import hostmem  # Imports nothing of jax.
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The scripts the tests start inherit glibc's huge-page tunable, so they do not restart for it
+# (jaxres/hostmem.py; `make test` exports it for the pytest processes too).
+os.environ.update(hostmem.with_tunable(dict(os.environ)) or {})
 # One persistent compilation cache for the whole run: both pytest workers and every script the
 # tests start (the environment wins over `--compilation_cache`), so a program the tests compile
 # again (the smoke model's init and steps, mostly) is compiled once per run. Fresh for each run
