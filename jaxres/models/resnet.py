@@ -316,8 +316,9 @@ class ResNet(nn.Module):
       act: activation function.
       dtype: compute dtype; parameters are float32 regardless.
       cpu_conv: how convolutions run on CPU, one of `cpu_conv.BACKENDS` ("onednn": oneDNN's
-        kernels for float32, "matmul": XLA's forward + a matmul backward, "xla"); the result
-        is the same (to float rounding) and other platforms ignore it.
+        kernels for float32, "matmul": XLA's forward + a matmul backward, "xla": XLA's own ops,
+        the stem's max pool included, see cpu_pool.py); the result is the same (to float
+        rounding) and other platforms ignore it.
     """
 
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -520,15 +521,17 @@ class ResNet(nn.Module):
         # Pre-activation nets normalise the stem output in the first block's norm1.
         if not self.preact:
             x = self.act(norm(name="stem_norm")(x))
+        # On CPU the pool's gradient is a tap mask (cpu_pool.py); "xla" keeps the plain op.
+        max_pool = nn.max_pool if self.cpu_conv == "xla" else cpu_pool.max_pool
         if self.stem_type == "default":
             # max_pool pads with -inf, as PyTorch's MaxPool2d(padding=1) does.
-            x = cpu_pool.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         elif self.stem_type == "fixed":
             # BiT pads with zeros (not -inf): that matters for the un-activated v2 stem.
             x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-            x = cpu_pool.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+            x = max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
         elif self.stem_type == "same":
-            x = cpu_pool.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            x = max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         return x
 
 
