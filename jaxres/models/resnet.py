@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxres.errors import ConfigError, unknown_name
-from jaxres.models import cpu_conv, cpu_pool
+from jaxres.models import batchnorm, cpu_conv, cpu_pool
 
 ModuleDef = Any
 Dtype = Any
@@ -405,7 +405,8 @@ class ResNet(nn.Module):
         )
         if self.norm == "batch":
             norm = functools.partial(
-                nn.BatchNorm,
+                # flax's BatchNorm with a closed-form gradient on CPU (batchnorm.py).
+                batchnorm.BatchNorm,
                 use_running_average=not train,
                 momentum=self.norm_momentum,
                 epsilon=self.norm_eps,
