@@ -25,8 +25,10 @@ Expected, `make demo` after the install (train + evaluate + probe + export):
   val top-1 0.994, probe 0.997). The AVX2 class was not measured with oneDNN. Later that day,
   with the few-shot evaluator (every other epoch) and the accurate IDCT for evaluation, quiet:
   1 min 23 s wall (training 70 s of which 4.8 s few-shot evaluation; val top-1 0.997, few-shot
-  ridge top-1 0.978 / 0.987 / 0.990 at 1 / 5 / 10 shots, probe 0.997).
-Val top-1 about 0.99 (0.989 and 0.997 in the runs above; chance is 0.10).
+  ridge top-1 0.978 / 0.987 / 0.990 at 1 / 5 / 10 shots, probe 0.997). That evening, with
+  huge pages and the closed-form BatchNorm gradient: 73 s wall (val top-1 0.992, few-shot
+  0.975 / 0.983 / 0.985, logistic probe 0.989).
+Val top-1 about 0.99 (0.989-0.997 in the runs above; chance is 0.10).
 
 `configs/demo.py:smoke` is a seconds-long run on 256 images for tests.
 """
