@@ -35,12 +35,14 @@ def thp_mode(path: str = _THP_MODE) -> str | None:
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
 def with_tunable(environ: dict[str, str]) -> dict[str, str] | None:
     """`environ` with the huge-page tunable added, or None when no restart is wanted."""
-    if environ.get(ENV_SWITCH, "1") == "0" or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+    if environ.get(ENV_SWITCH, "1") == "0" or "glibc.malloc.hugetlb" in environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
         return None
     if not sys.platform.startswith("linux") or thp_mode() != "madvise":
         return None

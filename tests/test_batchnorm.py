@@ -23,13 +23,18 @@ def test_training_mode_matches_flax(dtype):
     flax_bn, ours = _both(dtype)
     variables = flax_bn.init(jax.random.key(0), x, use_running_average=False)
     assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32),
-              "bias": jnp.asarray(rng.standard_normal(8), jnp.float32)}
+    params = {
+        "scale": jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32),
+        "bias": jnp.asarray(rng.standard_normal(8), jnp.float32),
+    }
 
     def run(module, kwargs):
         def loss(params, x):
-            y, state = module.apply({**variables, "params": params}, x, mutable=["batch_stats"], **kwargs)
+            y, state = module.apply(
+                {**variables, "params": params}, x, mutable=["batch_stats"], **kwargs
+            )
             return jnp.sum(y.astype(jnp.float32) * g), (y, state)
+
         return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
 
     (want_dp, want_dx), (want_y, want_state) = run(flax_bn, {"use_running_average": False})
@@ -48,8 +53,12 @@ def test_running_average_mode_matches_flax():
     x = jnp.asarray(rng.standard_normal((2, 3, 3, 4)), jnp.float32)
     flax_bn, ours = _both(jnp.float32, use_running_average=True)
     variables = flax_bn.init(jax.random.key(0), x)
-    variables = jax.tree.map(lambda v: v + jnp.asarray(rng.uniform(0.1, 1, v.shape), v.dtype), variables)
-    np.testing.assert_allclose(ours.apply(variables, x), flax_bn.apply(variables, x), rtol=1e-6, atol=1e-6)
+    variables = jax.tree.map(
+        lambda v: v + jnp.asarray(rng.uniform(0.1, 1, v.shape), v.dtype), variables
+    )
+    np.testing.assert_allclose(
+        ours.apply(variables, x), flax_bn.apply(variables, x), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_the_cpu_gradient_is_the_closed_form():

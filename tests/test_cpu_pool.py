@@ -38,7 +38,9 @@ def test_values_and_gradients_equal_the_standard_pool(shape, window, strides, pa
     def loss(pool):
         return lambda v: jnp.sum(pool(v, window, strides, padding) * g)
 
-    np.testing.assert_array_equal(jax.jit(lambda v: cpu_pool.max_pool(v, window, strides, padding))(x), ref)
+    np.testing.assert_array_equal(
+        jax.jit(lambda v: cpu_pool.max_pool(v, window, strides, padding))(x), ref
+    )
     want = jax.grad(loss(nn.max_pool))(x)
     got = jax.jit(jax.grad(loss(cpu_pool.max_pool)))(x)
     # Same positions get the gradient (ties: the first tap); sums of overlapping windows may
@@ -49,10 +51,16 @@ def test_values_and_gradients_equal_the_standard_pool(shape, window, strides, pa
 
 def test_the_cpu_lowering_is_the_tap_mask():
     x = jnp.ones((1, 8, 8, 2))
-    hlo = jax.jit(jax.grad(lambda v: cpu_pool.max_pool(v, (3, 3), (2, 2), "SAME").sum())).lower(x).as_text()
+    hlo = (
+        jax.jit(jax.grad(lambda v: cpu_pool.max_pool(v, (3, 3), (2, 2), "SAME").sum()))
+        .lower(x)
+        .as_text()
+    )
     assert "select_and_scatter" not in hlo and "reduce_window" not in hlo
 
 
 def test_other_dtypes_and_ranks_take_the_standard_op():
     x = jnp.arange(2 * 6 * 6 * 1, dtype=jnp.int32).reshape(2, 6, 6, 1)
-    np.testing.assert_array_equal(cpu_pool.max_pool(x, (2, 2), (2, 2)), nn.max_pool(x, (2, 2), (2, 2)))
+    np.testing.assert_array_equal(
+        cpu_pool.max_pool(x, (2, 2), (2, 2)), nn.max_pool(x, (2, 2), (2, 2))
+    )

@@ -8,9 +8,7 @@ import pytest
 
 from jaxres import hostmem
 
-_PRINT_TUNABLES = (
-    "from jaxres import cli; cli.parse_flags(['prog']); import os; print(os.environ.get('GLIBC_TUNABLES'))"
-)
+_PRINT_TUNABLES = "from jaxres import cli; cli.parse_flags(['prog']); import os; print(os.environ.get('GLIBC_TUNABLES'))"
 
 
 def _script_env(**extra: str) -> dict[str, str]:
@@ -20,8 +18,14 @@ def _script_env(**extra: str) -> dict[str, str]:
 
 
 def _tunables_seen_by_script(env: dict[str, str]) -> str:
-    out = subprocess.run([sys.executable, "-c", _PRINT_TUNABLES], env=env, capture_output=True,
-                         text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PRINT_TUNABLES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -32,11 +36,15 @@ def test_thp_mode_reads_the_bracketed_mode(tmp_path):
     assert hostmem.thp_mode(str(tmp_path / "missing")) is None
 
 
-@pytest.mark.skipif(hostmem.thp_mode() != "madvise", reason="transparent huge pages are not in madvise mode here")
+@pytest.mark.skipif(
+    hostmem.thp_mode() != "madvise", reason="transparent huge pages are not in madvise mode here"
+)
 def test_script_restarts_with_the_tunable_kept_and_added():
     assert _tunables_seen_by_script(_script_env()) == hostmem.TUNABLE
     other = "glibc.malloc.arena_max=2"
-    assert _tunables_seen_by_script(_script_env(GLIBC_TUNABLES=other)) == f"{other}:{hostmem.TUNABLE}"
+    assert (
+        _tunables_seen_by_script(_script_env(GLIBC_TUNABLES=other)) == f"{other}:{hostmem.TUNABLE}"
+    )
 
 
 def test_switch_off_and_already_set_mean_no_restart():

@@ -35,8 +35,9 @@ def _stats(xf: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, var
 
 
-def _normalize(xf: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array, bias: jax.Array,
-               eps: float) -> jax.Array:
+def _normalize(
+    xf: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+) -> jax.Array:
     return (xf - mean) * (lax.rsqrt(var + eps) * scale) + bias
 
 
@@ -77,11 +78,14 @@ def _make_train_closed_form(eps: float):
     return train
 
 
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(normalised x in float32, batch mean, batch variance) over every axis but the last."""
     return lax.platform_dependent(
-        x, scale, bias,
+        x,
+        scale,
+        bias,
         cpu=_make_train_closed_form(eps),
         default=lambda *a: _train_autodiff(*a, eps),
     )
@@ -102,12 +106,16 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (x.shape[-1],)
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+        ra_mean = self.variable(
+            "batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features
+        )
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
         scale = self.param("scale", self.scale_init, features, self.param_dtype)
         bias = self.param("bias", self.bias_init, features, self.param_dtype)
         if self.use_running_average:
-            y = _normalize(x.astype(jnp.float32), ra_mean.value, ra_var.value, scale, bias, self.epsilon)
+            y = _normalize(
+                x.astype(jnp.float32), ra_mean.value, ra_var.value, scale, bias, self.epsilon
+            )
         else:
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
             if not self.is_initializing():

@@ -28,23 +28,30 @@ from jax import lax
 Padding = str | Sequence[tuple[int, int]]
 
 
-def _pads(x_shape: Sequence[int], window: Sequence[int], strides: Sequence[int],
-          padding: Padding) -> list[tuple[int, int]]:
+def _pads(
+    x_shape: Sequence[int], window: Sequence[int], strides: Sequence[int], padding: Padding
+) -> list[tuple[int, int]]:
     """(low, high) padding of H and W, from "SAME" / "VALID" or explicit pairs."""
     if isinstance(padding, str):
         return list(lax.padtype_to_pads(x_shape[1:3], window, strides, padding))
     return [tuple(p) for p in padding]
 
 
-def standard_max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-               pads: tuple[tuple[int, int], ...]) -> jax.Array:
+def standard_max_pool(
+    x: jax.Array,
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], ...],
+) -> jax.Array:
     """The standard max pool (XLA's reduce-window; its gradient is select-and-scatter)."""
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
-                             ((0, 0), *pads, (0, 0)))
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
+    )
 
 
-def _taps(xp: jax.Array, out_hw: tuple[int, int], window: tuple[int, int],
-          strides: tuple[int, int]):
+def _taps(
+    xp: jax.Array, out_hw: tuple[int, int], window: tuple[int, int], strides: tuple[int, int]
+):
     """Yields (i, j, the padded input's strided slice under tap (i, j) of every window)."""
     n, _, _, c = xp.shape
     (oh, ow), (sh, sw) = out_hw, strides
@@ -58,8 +65,12 @@ def _pad_inf(x: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
     return jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
 
 
-def tap_max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-                 pads: tuple[tuple[int, int], ...]) -> jax.Array:
+def tap_max_pool(
+    x: jax.Array,
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], ...],
+) -> jax.Array:
     """The max pool as the maximum of its taps' strided slices: one fused loop on XLA:CPU,
     twice as fast as its reduce-window (7.4 vs 14.7 ms for ResNet's stem pool, batch 32 @112)."""
     xp = _pad_inf(x, pads)
@@ -68,14 +79,24 @@ def tap_max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]
     return functools.reduce(jnp.maximum, taps)
 
 
-def pool_out_hw(x_shape: Sequence[int], window: tuple[int, int],
-                            strides: tuple[int, int], pads: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+def pool_out_hw(
+    x_shape: Sequence[int],
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], ...],
+) -> tuple[int, int]:
     """(OH, OW) of the pool (floor division, as reduce-window)."""
     return tuple((x_shape[1 + d] + sum(pads[d]) - window[d]) // strides[d] + 1 for d in range(2))
 
 
-def tap_mask_grad(x: jax.Array, y: jax.Array, g: jax.Array, window: tuple[int, int],
-                  strides: tuple[int, int], pads: tuple[tuple[int, int], ...]) -> jax.Array:
+def tap_mask_grad(
+    x: jax.Array,
+    y: jax.Array,
+    g: jax.Array,
+    window: tuple[int, int],
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], ...],
+) -> jax.Array:
     """dL/dx of the max pool y = pool(x), given dL/dy = g (the first maximal tap wins).
 
     The padded input is written phase by phase (positions congruent to (rh, rw) modulo the
@@ -102,16 +123,20 @@ def tap_mask_grad(x: jax.Array, y: jax.Array, g: jax.Array, window: tuple[int, i
                     part = jnp.where(first == i * kw + j, g, zero)
                     qi, qj = i // sh, j // sw
                     phase = phase + lax.pad(
-                        part, zero, ((0, 0, 0), (qi, hq - qi - oh, 0), (qj, wq - qj - ow, 0), (0, 0, 0)))
+                        part,
+                        zero,
+                        ((0, 0, 0), (qi, hq - qi - oh, 0), (qj, wq - qj - ow, 0), (0, 0, 0)),
+                    )
             row.append(phase)
         rows.append(jnp.stack(row, 3))  # (N, HQ, WQ, SW, C)
     dxp = jnp.stack(rows, 2).reshape(n, hq * sh, wq * sw, c)
     (pt, _), (pl, _) = pads
-    return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :]
+    return dxp[:, pt : pt + x.shape[1], pl : pl + x.shape[2], :]
 
 
-def _make_cpu_pool(window: tuple[int, int], strides: tuple[int, int],
-                   pads: tuple[tuple[int, int], ...]):
+def _make_cpu_pool(
+    window: tuple[int, int], strides: tuple[int, int], pads: tuple[tuple[int, int], ...]
+):
     @jax.custom_vjp
     def pool(x):
         return tap_max_pool(x, window, strides, pads)
@@ -128,8 +153,12 @@ def _make_cpu_pool(window: tuple[int, int], strides: tuple[int, int],
     return pool
 
 
-def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
-             padding: Padding = "VALID") -> jax.Array:
+def max_pool(
+    x: jax.Array,
+    window_shape: Sequence[int],
+    strides: Sequence[int] | None = None,
+    padding: Padding = "VALID",
+) -> jax.Array:
     """Max pooling over H and W of an NHWC array (`flax.linen.max_pool`'s arguments).
 
     Padding is with -inf (a padded position is never the maximum). Floating-point inputs on
@@ -144,4 +173,5 @@ def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] |
     pads = tuple(_pads(x.shape, window, strides, padding))
     cpu_pool = _make_cpu_pool(window, strides, pads)
     return lax.platform_dependent(
-        x, cpu=cpu_pool, default=lambda v: standard_max_pool(v, window, strides, pads))
+        x, cpu=cpu_pool, default=lambda v: standard_max_pool(v, window, strides, pads)
+    )
