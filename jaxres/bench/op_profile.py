@@ -98,9 +98,8 @@ def _convs_in(jaxpr: Any) -> Iterator[Any]:
 def model_shapes(model_name: str, image_size: int, batch_size: int) -> tuple[
         collections.Counter[ConvShape], collections.Counter[tuple[int, ...]], Any]:
     """(conv shapes, BatchNorm input shapes, abstract variables) of one training forward pass, fp32."""
-    import flax.linen as nn
-
     from jaxres import models
+    from jaxres.models import batchnorm
 
     net = models.create_model(model_name, num_classes=1000, dtype="float32")
     x = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
@@ -108,7 +107,7 @@ def model_shapes(model_name: str, image_size: int, batch_size: int) -> tuple[
 
     def forward(v, x):
         return net.apply(v, x, train=True, mutable=["batch_stats", "intermediates"],
-                         capture_intermediates=lambda m, _: isinstance(m, nn.BatchNorm))
+                         capture_intermediates=lambda m, _: isinstance(m, batchnorm.BatchNorm))
 
     convs: collections.Counter[ConvShape] = collections.Counter()
     for eqn in _convs_in(jax.make_jaxpr(forward)(variables, x).jaxpr):
@@ -231,14 +230,16 @@ def interleaved(runners: dict[str, Callable[[], Any]], reps: int, warmup: int = 
 
 
 def _bn_runners(shape: tuple[int, ...], rng: np.random.Generator, n_dev: int) -> dict[str, Callable[[], Any]]:
-    """BatchNorm (train mode, fp32 statistics) forward + backward wrt input, scale and bias."""
-    import flax.linen as nn
+    """The model's BatchNorm (train mode, fp32 statistics) forward + backward wrt input, scale
+    and bias."""
     import torch
+
+    from jaxres.models import batchnorm
 
     c = shape[-1]
     x_np = rng.standard_normal(shape, np.float32)
     g_np = rng.standard_normal(shape, np.float32)
-    bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=jnp.float32)
+    bn = batchnorm.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=jnp.float32)
     variables = bn.init(jax.random.key(0), jnp.zeros((2, 1, 1, c)))
     batch_sharding, replicated = _mesh_shardings(n_dev)
     x, g = jax.device_put(x_np, batch_sharding), jax.device_put(g_np, batch_sharding)
