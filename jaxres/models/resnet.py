@@ -179,7 +179,7 @@ class ResidualBlock(nn.Module):
       preact: pre-activation (v2) instead of post-activation (v1.5).
       conv: conv constructor (e.g. a partial of `nn.Conv` or `StdConv`).
       conv_bias: one of `CONV_BIAS`: which of the block's convs get a bias.
-      norm: norm constructor (a partial of `nn.BatchNorm` or `nn.GroupNorm`).
+      norm: norm constructor (a partial of `batchnorm.BatchNorm` or `nn.GroupNorm`).
       act: activation function.
       se_reduced: channels of the SE bottleneck, or None for no SE.
       zero_init_last: start the residual branch at zero (last norm scale for v1.5, last
