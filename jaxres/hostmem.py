@@ -13,8 +13,8 @@ glibc reads its tunables once, when the process starts, so `restart_with_huge_pa
 by every script through `cli.parse_flags`, before any JAX computation) restarts the script in
 place with the tunable added (`os.execve`: same PID and arguments, the environment plus the
 tunable). It does nothing when the tunable is already set, when the kernel has transparent
-huge pages off or always on, off Linux, or with `JAXRES_HUGE_PAGES=0`. `make` exports the tunable, so the tests'
-and the demo's scripts start with it and never restart.
+huge pages off or always on, off Linux, or with `JAXRES_HUGE_PAGES=0`. `make` exports the
+tunable, so the tests' and the demo's scripts start with it and never restart.
 """
 
 from __future__ import annotations
